@@ -1,0 +1,5 @@
+import sys
+
+from densemtl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,66 @@
+"""Saving and loading models (our own checkpoints and Lightning checkpoints)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .densemtl import MultiTaskNet
+from .registry import build_model
+
+FORMAT = "densemtl-model"
+LIGHTNING_PREFIX = "net."  # attribute name of the network inside the LightningModule
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: MultiTaskNet, path: str | Path, **extra: Any) -> None:
+    """Write the model's config and weights (atomically)."""
+    if not model.config:
+        raise ValueError("model has no config; build it with densemtl.models.build_model")
+    atomic_save({"format": FORMAT, "config": model.config,
+                 "state_dict": model.state_dict(), **extra}, path)
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> MultiTaskNet:
+    """Load a model from a densemtl checkpoint or a Lightning checkpoint of our training module.
+
+    The model is returned in eval mode.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: not a densemtl checkpoint")
+    if ckpt.get("format") == FORMAT:
+        config, state = ckpt["config"], ckpt["state_dict"]
+    elif "hyper_parameters" in ckpt and "state_dict" in ckpt:
+        hp = ckpt["hyper_parameters"]
+        config = {"tasks": hp["tasks"], "network": hp["network"]}
+        n = len(LIGHTNING_PREFIX)
+        state = {k[n:]: v for k, v in ckpt["state_dict"].items() if k.startswith(LIGHTNING_PREFIX)}
+    else:
+        raise ValueError(f"{path}: not a densemtl checkpoint (no model config inside)")
+    model = build_model(config, pretrained=False)
+    model.load_state_dict(state)
+    return model.eval()

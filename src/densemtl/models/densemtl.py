@@ -1,0 +1,153 @@
+"""DenseMTL: shared encoder -> per-task padnet+ decoders -> mTEB -> rest of the decoders."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..tasks import TASKS
+from .encoders import build_encoder
+from .heads import TaskDecoder
+from .xtam import ExchangeBlock
+
+Outputs = dict[str, dict[int, Tensor]]
+
+
+def decoder_sections(stages: Sequence[int]) -> list[list[int]]:
+    """Split the decoder levels 4..0 after each stage: [1] -> [[4, 3, 2, 1], [0]]."""
+    stages = sorted({int(s) for s in stages}, reverse=True)
+    if any(s not in range(5) for s in stages):
+        raise ValueError(f"exchange stages must be decoder levels in 0..4, got {stages}")
+    sections, current = [], []
+    for level in range(4, -1, -1):
+        current.append(level)
+        if level in stages:
+            sections.append(current)
+            current = []
+    if current:
+        sections.append(current)
+    return sections
+
+
+class MultiTaskNet(nn.Module):
+    """Base of every model: task list, shared encoder, ``predict`` in physical units."""
+
+    encoder: nn.Module
+
+    def __init__(self, tasks: Mapping[str, int]) -> None:
+        super().__init__()
+        self.tasks = dict(tasks)
+        self.config: dict[str, Any] = {}  # set by the registry; saved with checkpoints
+
+    @torch.no_grad()
+    def predict(self, image: Tensor) -> dict[str, Tensor]:
+        """Eval-mode prediction at scale 0 in physical units.
+
+        ``image`` [B,3,H,W] (or [3,H,W]) in [0,1]. Returns ``semseg`` class ids [B,H,W],
+        ``depth`` metres [B,1,H,W], ``normals`` unit vectors [B,3,H,W], ``edges`` probabilities
+        [B,1,H,W] (for the tasks the model has).
+        """
+        squeeze = image.dim() == 3
+        if squeeze:
+            image = image.unsqueeze(0)
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(image)
+        finally:
+            self.train(was_training)
+        pred = {t: TASKS[t].decode(out[t][0].float()) for t in self.tasks}
+        return {t: p[0] for t, p in pred.items()} if squeeze else pred
+
+
+class DenseMTL(MultiTaskNet):
+    """The paper's model, with every ablation as a switch.
+
+    encoder -> decoder section 1 (levels 4..1) -> mTEB at ``stages`` -> section 2 (level 0).
+    ``forward(image)`` returns raw head outputs ``{task: {scale: tensor}}``: with the defaults
+    scale 1 (H/2, before the exchange) and scale 0 (H, after it). Depth is the official
+    parametrisation 65536 / (100 D + 1); use ``predict`` for physical units.
+
+    Args:
+        tasks: ordered ``{task: output channels}``; the order fixes the fusion order.
+        encoder: ``build_encoder`` options (name, pretrained, dilated, normalisation).
+        decoder: ``TaskDecoder`` options (num_ch_dec, scales, aspp, aspp_rates, ...).
+        exchange: ``stages`` (decoder levels after which an mTEB runs), ``attn_stride`` (the
+            stride at which SxTAM attends, 8 as the paper), ``fusion``, ``source_order``
+            ({target: [sources...]}) and the xTAM switches ``sa``, ``sxtam``, ``cxtam``,
+            ``alpha``, ``full_sa``, ``split``, ``attention`` ("sdpa" or "explicit").
+    """
+
+    default_exchange: ClassVar[dict[str, Any]] = {
+        "stages": [1], "attn_stride": 8, "fusion": "add", "source_order": None,
+        "sa": True, "sxtam": True, "cxtam": False, "alpha": True, "full_sa": False,
+        "split": False, "attention": "sdpa",
+    }
+
+    def __init__(
+        self,
+        tasks: Mapping[str, int],
+        encoder: Mapping[str, Any] | None = None,
+        decoder: Mapping[str, Any] | None = None,
+        exchange: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(tasks)
+        self.encoder = build_encoder(**(encoder or {}))
+        enc = list(self.encoder.channels)
+        self.decoders = nn.ModuleDict(
+            {t: TaskDecoder(enc, ch, **(decoder or {})) for t, ch in self.tasks.items()})
+        opts = {**self.default_exchange, **(exchange or {})}
+        unknown = set(opts) - set(self.default_exchange)
+        if unknown:
+            raise ValueError(f"unknown exchange option(s): {sorted(unknown)}")
+        stages = opts.pop("stages")
+        if len(self.tasks) < 2 or not (opts["sa"] or opts["sxtam"] or opts["cxtam"]):
+            stages = []  # nothing to exchange: plain hard sharing (the official "no_distil")
+        attn_stride = int(opts.pop("attn_stride"))
+        self.sections = decoder_sections(stages)
+        self.stages = sorted(set(stages), reverse=True)
+        num_ch_dec = next(iter(self.decoders.values())).num_ch_dec
+        # Decoder level i is at stride 2^i; SxTAM attends at stride ``attn_stride``.
+        self.exchange = nn.ModuleDict({
+            str(s): self.build_exchange(num_ch_dec[s], max(1, attn_stride // 2**s), opts)
+            for s in self.stages})
+
+    def build_exchange(self, channels: int, downsample: int, opts: dict[str, Any]) -> nn.Module:
+        """The block inserted after a stage (PAD-Net+ overrides this)."""
+        return ExchangeBlock(list(self.tasks), channels, downsample, **opts)
+
+    def forward(self, image: Tensor) -> Outputs:
+        feats = self.encoder(image)
+        size = (image.shape[-2], image.shape[-1])
+        x: dict[str, Tensor | None] = dict.fromkeys(self.tasks)
+        out: Outputs = {t: {} for t in self.tasks}
+        for section in self.sections:
+            last = section[-1]
+            exchange_here = str(last) in self.exchange
+            # An exchange after level 0 must come before the final prediction.
+            defer = 0 if exchange_here and last == 0 else None
+            for t, dec in self.decoders.items():
+                x[t], side = dec.run(feats, x[t], section, size, defer_side=defer)
+                out[t].update(side)
+            if exchange_here:
+                x = dict(self.exchange[str(last)](x))
+                if defer == 0:
+                    for t, dec in self.decoders.items():
+                        if "0" in dec.side:
+                            out[t][0] = dec.side["0"](x[t])
+        return out
+
+
+class HardSharing(DenseMTL):
+    """MTL baseline: same encoder and padnet+ decoders, no exchange (one section 4..0)."""
+
+    def __init__(
+        self,
+        tasks: Mapping[str, int],
+        encoder: Mapping[str, Any] | None = None,
+        decoder: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(tasks, encoder, decoder, exchange={"stages": []})

@@ -1,0 +1,47 @@
+"""Helpers shared by the model tests (tiny, fast models on the CPU)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from densemtl.models import build_model
+
+SLIM = [8, 16, 16, 32, 32]
+TASKS_SD = {"semseg": {"channels": 5}, "depth": None}
+TASKS_SDN = {**TASKS_SD, "normals": None}
+TASKS_SDNE = {**TASKS_SDN, "edges": None}
+
+
+def tiny(tasks: dict | None = None, arch: str = "densemtl", **network: Any) -> nn.Module:
+    """ResNet-18, slim decoders, no pretrained weights."""
+    network.setdefault("encoder", {"name": "resnet18", "pretrained": False})
+    if arch in ("densemtl", "mtl", "padnet_plus"):
+        network.setdefault("decoder", {"num_ch_dec": SLIM})
+    return build_model({"tasks": tasks or TASKS_SDN, "network": {"arch": arch, **network}})
+
+
+def randomise_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial alphas/betas and BatchNorm statistics, so no branch is an exact identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("alpha", "beta")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def scalar_loss(out: dict[str, dict[int, torch.Tensor]]) -> torch.Tensor:
+    """A loss that depends on every output element (fixed random weights)."""
+    g = torch.Generator().manual_seed(123)
+    total = torch.zeros(())
+    for task in out.values():
+        for y in task.values():
+            total = total + (y * torch.randn(y.shape, generator=g)).mean()
+    return total

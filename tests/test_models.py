@@ -1,0 +1,401 @@
+"""Encoders, decoders, DenseMTL, xTAM / mTEB switches and baselines."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torchvision.models as tvm
+from model_utils import SLIM, TASKS_SD, TASKS_SDN, TASKS_SDNE, randomise_, scalar_loss, tiny
+from torch import nn
+
+from densemtl.models import build_model
+from densemtl.models.encoders import PretrainedWeightsError, build_encoder
+from densemtl.models.heads import PooledBatchNorm2d
+from densemtl.models.xtam import SpatialCrossTaskAttention, attend
+from densemtl.tasks import depth_to_inverse
+
+# --- encoders --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "dilated", "channels", "strides"),
+    [
+        ("resnet18", True, [64, 64, 128, 256, 512], [2, 4, 8, 16, 16]),
+        ("resnet18", False, [64, 64, 128, 256, 512], [2, 4, 8, 16, 32]),
+        ("resnet34", True, [64, 64, 128, 256, 512], [2, 4, 8, 16, 16]),
+        ("resnet50", True, [64, 256, 512, 1024, 2048], [2, 4, 8, 16, 16]),
+        ("resnet50", False, [64, 256, 512, 1024, 2048], [2, 4, 8, 16, 32]),
+    ],
+)
+def test_encoder_features_match_metadata(name, dilated, channels, strides):
+    enc = build_encoder(name, pretrained=False, dilated=dilated).eval()
+    assert enc.channels == channels and enc.strides == strides
+    with torch.no_grad():
+        feats = enc(torch.rand(1, 3, 64, 96))
+    assert [f.shape[1] for f in feats] == channels
+    assert [(f.shape[2], f.shape[3]) for f in feats] == [(64 // s, 96 // s) for s in strides]
+
+
+def test_dilated_basicblock_keeps_pretrained_layout():
+    """The dilated ResNet-18 has exactly torchvision's parameters (pretrained weights fit)."""
+    enc = build_encoder("resnet18", pretrained=False, dilated=True)
+    ref = {k: v.shape for k, v in tvm.resnet18().state_dict().items() if not k.startswith("fc.")}
+    assert {k: v.shape for k, v in enc.state_dict().items()} == ref
+    assert enc.layer4[0].conv1.dilation == (1, 1) and enc.layer4[0].conv2.dilation == (2, 2)
+    assert enc.layer4[1].conv1.dilation == (2, 2) and enc.layer4[0].conv1.stride == (1, 1)
+
+
+def test_input_normalisation_options():
+    x = torch.full((1, 3, 2, 2), 0.9)
+    paper = build_encoder("resnet18", pretrained=False)
+    imnet = build_encoder("resnet18", pretrained=False, normalisation="imagenet")
+    assert torch.allclose(paper.normalise(x), torch.full_like(x, (0.9 - 0.45) / 0.225))
+    assert torch.allclose(imnet.normalise(x)[0, :, 0, 0],
+                          torch.tensor([(0.9 - 0.485) / 0.229, (0.9 - 0.456) / 0.224,
+                                        (0.9 - 0.406) / 0.225]))
+    with pytest.raises(ValueError, match="normalisation"):
+        build_encoder("resnet18", pretrained=False, normalisation="nope")
+
+
+def test_pretrained_download_failure_is_clear(monkeypatch):
+    def offline(self, *args, **kwargs):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(tvm.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(PretrainedWeightsError, match="pretrained: false"):
+        build_encoder("resnet18", pretrained=True)
+
+
+# --- DenseMTL --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tasks", "channels"),
+    [(TASKS_SD, {"semseg": 5, "depth": 1}),
+     (TASKS_SDN, {"semseg": 5, "depth": 1, "normals": 3}),
+     (TASKS_SDNE, {"semseg": 5, "depth": 1, "normals": 3, "edges": 2})],
+    ids=["SD", "SDN", "SDNE"],
+)
+def test_output_shapes(tasks, channels):
+    model = tiny(tasks).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 64, 128))
+    assert list(out) == list(channels)
+    for t, c in channels.items():
+        assert sorted(out[t]) == [0, 1]
+        assert out[t][0].shape == (2, c, 64, 128)
+        assert out[t][1].shape == (2, c, 32, 64)
+
+
+def test_sdn_resnet18_paper_decoders_forward_backward():
+    model = build_model({"tasks": {"semseg": {"channels": 16}, "depth": None, "normals": None},
+                         "network": {"arch": "densemtl",
+                                     "encoder": {"name": "resnet18", "pretrained": False}}})
+    out = model(torch.rand(2, 3, 64, 128))
+    scalar_loss(out).backward()
+    assert out["normals"][0].shape == (2, 3, 64, 128)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_resnet101_sd_eval_128x256():
+    model = build_model({"tasks": {"semseg": {"channels": 16}, "depth": None},
+                         "network": {"arch": "densemtl",
+                                     "encoder": {"name": "resnet101", "pretrained": False}}})
+    with torch.no_grad():
+        out = model.eval()(torch.rand(1, 3, 128, 256))
+    assert out["semseg"][0].shape == (1, 16, 128, 256) and out["depth"][1].shape == (1, 1, 64, 128)
+    assert all(torch.isfinite(y).all() for t in out.values() for y in t.values())
+
+
+def test_any_input_size():
+    """Sizes that are not multiples of 16 give full-resolution outputs (official code fails)."""
+    model = tiny().eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 70, 90))
+    assert out["semseg"][0].shape[-2:] == (70, 90)
+    assert out["depth"][1].shape[-2:] == (35, 45)
+
+
+def test_attend_sdpa_matches_explicit():
+    torch.manual_seed(0)
+    q = torch.randn(2, 16, 4, 6, requires_grad=True)
+    k = torch.randn(2, 16, 3, 5, requires_grad=True)
+    v = torch.randn(2, 16, 3, 5, requires_grad=True)
+    a = attend(q, k, v, "sdpa")
+    grads_a = torch.autograd.grad(a.square().sum(), (q, k, v))
+    b = attend(q, k, v, "explicit")
+    grads_b = torch.autograd.grad(b.square().sum(), (q, k, v))
+    # explicit reference by hand for one query position
+    w = torch.softmax(q[0, :, 1, 2] @ k[0].flatten(1) / 4.0, dim=0)
+    assert torch.allclose(b[0, :, 1, 2], v[0].flatten(1) @ w, atol=1e-6)
+    assert torch.allclose(a, b, atol=1e-5)
+    for ga, gb in zip(grads_a, grads_b):
+        assert torch.allclose(ga, gb, atol=1e-5)
+
+
+def test_model_sdpa_path_equals_explicit_path_with_gradients():
+    torch.manual_seed(0)
+    fast = randomise_(tiny(exchange={"attention": "sdpa"}))
+    ref = tiny(exchange={"attention": "explicit"})
+    ref.load_state_dict(fast.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    torch.manual_seed(1)  # same dropout masks in both passes
+    out_fast = fast(x)
+    torch.manual_seed(1)
+    out_ref = ref(x)
+    for t in out_ref:
+        for s in out_ref[t]:
+            assert torch.allclose(out_fast[t][s], out_ref[t][s], atol=1e-5)
+    scalar_loss(out_fast).backward()
+    scalar_loss(out_ref).backward()
+    ref_grads = dict(ref.named_parameters())
+    for name, p in fast.named_parameters():
+        assert torch.allclose(p.grad, ref_grads[name].grad, atol=1e-5), name
+
+
+def test_alpha_zero_makes_sxtam_exactly_zero():
+    torch.manual_seed(0)
+    sx = SpatialCrossTaskAttention(16, 4)
+    t, s = torch.randn(2, 16, 16, 16), torch.randn(2, 16, 16, 16)
+    assert torch.equal(sx(t, s), torch.zeros(2, 16, 16, 16))
+    with torch.no_grad():
+        sx.alpha.fill_(1.0)
+    assert sx(t, s).abs().sum() > 0
+    # In a whole model: at init the output does not depend on the SxTAM projections.
+    model = tiny().eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)["semseg"][0]
+        for name, p in model.named_parameters():
+            if ".sxtam.query." in name or ".sxtam.key." in name:
+                p.mul_(-3.0)
+        after = model(x)["semseg"][0]
+    assert torch.equal(before, after)
+
+
+def test_every_parameter_receives_a_gradient():
+    torch.manual_seed(0)
+    model = tiny(TASKS_SDNE, exchange={"cxtam": True})
+    scalar_loss(model(torch.rand(2, 3, 64, 64))).backward()
+    grads = dict(model.named_parameters())
+    assert all(p.grad is not None for p in grads.values())
+    alphas = [n for n in grads if n.endswith("alpha")]
+    assert len(alphas) == 12 and all(grads[n].grad.abs().sum() > 0 for n in alphas)
+    # With non-zero gates every single parameter gets a non-zero gradient.
+    model.zero_grad()
+    randomise_(model)
+    scalar_loss(model(torch.rand(2, 3, 64, 64))).backward()
+    dead = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
+    assert dead == []
+
+
+_ORDER_SCRIPT = textwrap.dedent("""
+    import torch
+    from densemtl.models import build_model
+    torch.manual_seed(0)
+    m = build_model({"tasks": {"semseg": {"channels": 3}, "depth": None, "normals": None,
+                               "edges": None},
+                     "network": {"arch": "densemtl",
+                                 "encoder": {"name": "resnet18", "pretrained": False},
+                                 "decoder": {"num_ch_dec": [8, 16, 16, 32, 32]}}}).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("alpha"):
+                p.fill_(0.7)
+        out = m(torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    print(m.exchange["1"].order)
+    print(repr(sum(float(y.double().sum()) for t in out.values() for y in t.values())))
+""")
+
+
+def test_fusion_order_is_deterministic_across_processes():
+    results = set()
+    for seed in ("0", "1", "2"):
+        proc = subprocess.run([sys.executable, "-c", _ORDER_SCRIPT], capture_output=True,
+                              text=True, env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin"},
+                              check=True)
+        results.add(proc.stdout)
+    assert len(results) == 1
+    order_line = results.pop().splitlines()[0]
+    assert order_line.startswith("{'semseg': ['depth', 'normals', 'edges'], 'depth': ['semseg'")
+
+
+def test_source_order_override_equals_permuted_fusion_weights():
+    torch.manual_seed(0)
+    base = randomise_(tiny()).eval()
+    swapped = tiny(exchange={"source_order": {"semseg": ["normals", "depth"]}}).eval()
+    state = copy.deepcopy(base.state_dict())
+    w = state["exchange.1.post.semseg.0.weight"]  # input blocks [depth | normals]
+    c = w.shape[1] // 2
+    state["exchange.1.post.semseg.0.weight"] = torch.cat([w[:, c:], w[:, :c]], dim=1)
+    swapped.load_state_dict(state)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = base(x), swapped(x)
+    assert torch.allclose(a["semseg"][0], b["semseg"][0], atol=1e-6)
+    with pytest.raises(ValueError, match="permutation"):
+        tiny(exchange={"source_order": {"semseg": ["depth"]}})
+
+
+ABLATIONS = {
+    "paper": {},
+    "sa_only": {"sxtam": False},
+    "sxtam_only": {"sa": False},
+    "cxtam_only": {"sa": False, "sxtam": False, "cxtam": True},
+    "all_three": {"cxtam": True},
+    "concat": {"fusion": "concat"},
+    "prod": {"fusion": "prod"},
+    "no_alpha": {"alpha": False},
+    "full_sa": {"full_sa": True},
+    "split": {"split": True},
+    "split_full_sa_cxtam": {"split": True, "full_sa": True, "cxtam": True},
+    "explicit": {"attention": "explicit"},
+    "stage_2": {"stages": [2]},
+    "stage_3": {"stages": [3]},
+    "stage_4": {"stages": [4]},
+    "stage_0": {"stages": [0]},
+    "stages_2_1": {"stages": [2, 1]},
+    "attn_stride_4": {"attn_stride": 4},
+}
+
+
+@pytest.mark.parametrize("switches", ABLATIONS.values(), ids=ABLATIONS.keys())
+def test_ablation_switches_build_and_run(switches):
+    torch.manual_seed(0)
+    model = tiny(exchange=switches)
+    stages = switches.get("stages", [1])
+    assert sorted(model.exchange, reverse=True) == [str(s) for s in sorted(stages, reverse=True)]
+    out = model(torch.rand(2, 3, 64, 64))
+    assert out["depth"][0].shape == (2, 1, 64, 64) and out["depth"][1].shape == (2, 1, 32, 32)
+    scalar_loss(out).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_stage_0_exchange_feeds_the_final_prediction():
+    torch.manual_seed(0)
+    model = randomise_(tiny(exchange={"stages": [0]})).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)["semseg"][0]
+        for p in model.exchange.parameters():
+            p.mul_(1.5)
+        after = model(x)["semseg"][0]
+    assert not torch.allclose(before, after)
+
+
+def test_no_exchange_switch_means_hard_sharing():
+    model = tiny(exchange={"sa": False, "sxtam": False})
+    mtl = tiny(arch="mtl")
+    assert len(model.exchange) == 0 and model.sections == [[4, 3, 2, 1, 0]]
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in mtl.parameters())
+
+
+def test_predict_returns_physical_units():
+    model = tiny(TASKS_SDNE)
+    with torch.no_grad():
+        side = model.decoders["depth"].side["0"]
+        side.weight.zero_()
+        side.bias.fill_(float(depth_to_inverse(torch.tensor(5.0))))
+    model.train()
+    pred = model.predict(torch.rand(2, 3, 64, 64))
+    assert model.training  # restored
+    assert pred["semseg"].shape == (2, 64, 64) and pred["semseg"].dtype == torch.int64
+    assert torch.allclose(pred["depth"], torch.full((2, 1, 64, 64), 5.0), atol=1e-4)
+    assert torch.allclose(pred["normals"].norm(dim=1), torch.ones(2, 64, 64), atol=1e-5)
+    assert pred["edges"].shape == (2, 1, 64, 64)
+    assert ((pred["edges"] >= 0) & (pred["edges"] <= 1)).all()
+    single = model.predict(torch.rand(3, 64, 64))
+    assert single["depth"].shape == (1, 64, 64)
+
+
+def test_batch_one_training_keeps_eval_outputs():
+    torch.manual_seed(0)
+    model = tiny()
+    x = torch.rand(1, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)["semseg"][0]
+    pooled = [m for m in model.modules() if isinstance(m, PooledBatchNorm2d)]
+    stats = [(m.running_mean.clone(), m.running_var.clone()) for m in pooled]
+    model.train()
+    scalar_loss(model(x)).backward()  # the official ASPP raises here
+    for m, (mean, var) in zip(pooled, stats):
+        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+    # eval mode is plain BatchNorm: same output as an nn.BatchNorm2d with the same state
+    bn = pooled[0]
+    plain = nn.BatchNorm2d(bn.num_features).eval()
+    plain.load_state_dict(bn.state_dict())
+    z = torch.randn(2, bn.num_features, 1, 1)
+    assert torch.equal(bn.eval()(z), plain(z))
+    del ref
+
+
+# --- baselines and registry ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arch", "network", "scales"),
+    [
+        ("mtl", {}, [0, 1]),
+        ("deeplab", {}, [0]),
+        ("padnet", {"width": 64}, [0, 4]),
+        ("padnet_plus", {}, [0, 1]),
+    ],
+)
+def test_baselines_build_and_run(arch, network, scales):
+    torch.manual_seed(0)
+    model = tiny(TASKS_SDN, arch=arch, **network)
+    out = model(torch.rand(2, 3, 64, 64))
+    assert list(out) == ["semseg", "depth", "normals"]
+    for t, per_scale in out.items():
+        assert sorted(per_scale) == scales
+        assert per_scale[0].shape == (2, model.tasks[t], 64, 64)
+    scalar_loss(out).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_padnet_plus_distils_after_level_2():
+    model = tiny(TASKS_SD, arch="padnet_plus")
+    assert model.sections == [[4, 3, 2], [1, 0]]
+    gate = model.exchange["2"].pairs["semseg"]["depth"]
+    assert gate.feat.in_channels == SLIM[2] and gate.feat.out_channels == SLIM[2]
+
+
+def test_stl_variants():
+    deeplab = tiny({"depth": None}, arch="stl")
+    padnet = tiny({"depth": None}, arch="stl", head="padnet+", decoder={"num_ch_dec": SLIM})
+    assert type(deeplab).__name__ == "DeepLabMTL" and type(padnet).__name__ == "HardSharing"
+    with pytest.raises(ValueError, match="exactly one task"):
+        tiny(TASKS_SD, arch="stl")
+
+
+def test_stl_deeplab_resnet101_parameter_count():
+    model = build_model({"tasks": {"semseg": {"channels": 16}},
+                         "network": {"arch": "stl", "encoder": {"pretrained": False}}})
+    assert sum(p.numel() for p in model.parameters()) == 58_629_712
+    assert sum(p.numel() for p in model.heads.parameters()) == 16_129_552
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"tasks": TASKS_SD, "network": {"arch": "nope"}}, "network.arch 'nope'"),
+        ({"tasks": {"colour": None}, "network": {"arch": "mtl"}}, "unknown task 'colour'"),
+        ({"tasks": {"semseg": None}, "network": {"arch": "mtl"}}, "needs 'channels'"),
+        ({"tasks": TASKS_SD, "network": {"arch": "densemtl", "exchange": {"gate": 1}}},
+         "unknown exchange option"),
+        ({"tasks": TASKS_SD, "network": {"arch": "densemtl", "exchange": {"fusion": "mul"}}},
+         "fusion 'mul'"),
+        ({"tasks": TASKS_SD, "network": {"arch": "mtl", "wings": 2}}, "wings"),
+    ],
+)
+def test_registry_rejects_bad_configs(config, message):
+    config = copy.deepcopy(config)
+    config["network"].setdefault("encoder", {"name": "resnet18", "pretrained": False})
+    with pytest.raises(ValueError, match=message):
+        build_model(config)
