@@ -10,7 +10,6 @@ import textwrap
 import pytest
 import torch
 import torchvision.models as tvm
-from model_utils import SLIM, TASKS_SD, TASKS_SDN, TASKS_SDNE, randomise_, scalar_loss, tiny
 from torch import nn
 
 from densemtl.models import build_model
@@ -18,6 +17,7 @@ from densemtl.models.encoders import PretrainedWeightsError, build_encoder
 from densemtl.models.heads import PooledBatchNorm2d
 from densemtl.models.xtam import SpatialCrossTaskAttention, attend
 from densemtl.tasks import depth_to_inverse
+from model_utils import SLIM, TASKS_SD, TASKS_SDN, TASKS_SDNE, randomise_, scalar_loss, tiny
 
 # --- encoders --------------------------------------------------------------------------------
 

@@ -120,7 +120,7 @@ def test_load_model_rejects_foreign_files(tmp_path):
     torch.save({"a": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="not a densemtl checkpoint"):
         load_model(bad)
-    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.ckpt"):
         load_model(tmp_path / "missing.ckpt")
 
 

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .densemtl import MultiTaskNet
@@ -34,8 +35,11 @@ def save_model(model: MultiTaskNet, path: str | Path, **extra: Any) -> None:
     """Write the model's config and weights (atomically)."""
     if not model.config:
         raise ValueError("model has no config; build it with densemtl.models.build_model")
-    atomic_save({"format": FORMAT, "config": model.config,
-                 "state_dict": model.state_dict(), **extra}, path)
+    palette = getattr(model, "palette", None)
+    meta = {"class_names": getattr(model, "class_names", None),
+            "palette": None if palette is None else np.asarray(palette).tolist()}
+    atomic_save({"format": FORMAT, "config": model.config, "state_dict": model.state_dict(),
+                 "densemtl": meta, **extra}, path)
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> MultiTaskNet:
@@ -63,4 +67,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Mu
         raise ValueError(f"{path}: not a densemtl checkpoint (no model config inside)")
     model = build_model(config, pretrained=False)
     model.load_state_dict(state)
+    meta = ckpt.get("densemtl") or {}
+    model.class_names = meta.get("class_names")
+    model.palette = None if meta.get("palette") is None else np.asarray(meta["palette"], np.uint8)
     return model.eval()

@@ -41,6 +41,8 @@ class MultiTaskNet(nn.Module):
         super().__init__()
         self.tasks = dict(tasks)
         self.config: dict[str, Any] = {}  # set by the registry; saved with checkpoints
+        self.class_names: list[str] | None = None  # dataset metadata, kept by checkpoints
+        self.palette: Any = None
 
     @torch.no_grad()
     def predict(self, image: Tensor) -> dict[str, Tensor]:

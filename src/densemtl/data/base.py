@@ -1,0 +1,346 @@
+"""The dataset base class: file records, bad-input policies, loading, transforms, validation.
+
+A concrete dataset lists :class:`Record` s (one per sample: an id and the path of every file it
+may read) and decodes each task's label; everything else is here:
+
+* ``tasks`` selects what is read. A dataset never opens the files of tasks it was not asked for
+  (an unlabelled domain-adaptation target is built with ``tasks=[]``).
+* ``on_missing`` (checked once, at construction, for every file the requested tasks need):
+  ``"error"`` (default) raises FileNotFoundError naming the first missing paths and their count;
+  ``"drop_sample"`` removes samples with any missing file; ``"drop_label"`` keeps the sample without
+  that task's label (a missing *image* is still an error). Both drop modes warn with the count.
+* ``on_size_mismatch``: a label whose size differs from its image is refused (``"error"``) or
+  nearest-resized to the image (``"resize"``, only when the aspect ratios agree within 1%).
+* ``unknown_labels``: raw label values that are not ids of the dataset's label definition are
+  refused with the file and values named (``"error"``) or mapped to 255 (``"ignore"``). Ids that are
+  defined but not part of the chosen class mapping always become 255.
+* Normals of datasets without normals files are derived from the final depth and ``K`` *after*
+  the transforms (:func:`densemtl.data.geometry.normals_from_depth`), i.e. at the network
+  resolution with the correctly resized/cropped/flipped intrinsics.
+* ``validate``: shapes and dtypes are always checked; ``validate=True`` also checks every value.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from densemtl.tasks import IGNORE_INDEX
+
+from .geometry import normals_from_depth, resize_intrinsics
+from .io import DataError, read_rgb
+from .sample import Sample, validate_sample
+
+MISSING_POLICIES = ("error", "drop_sample", "drop_label")
+SIZE_POLICIES = ("error", "resize")
+LABEL_POLICIES = ("error", "ignore")
+
+
+@dataclass
+class Record:
+    """One sample on disk: its id, the files it may read, and tasks whose files are missing."""
+
+    id: str
+    files: dict[str, Path]
+    missing: set[str] = field(default_factory=set)
+
+
+class LabelMap:
+    """Raw label ids -> train ids through a lookup table, with unknown-id detection."""
+
+    def __init__(self, mapping: dict[int, int], known: Iterable[int], name: str):
+        known = list(known)
+        size = max([*known, *mapping]) + 1
+        self.lut = np.full(size, IGNORE_INDEX, dtype=np.int64)
+        for raw, train in mapping.items():
+            self.lut[raw] = train
+        self.known = np.zeros(size, dtype=bool)
+        self.known[known] = True
+        self.name = name
+
+    def __call__(self, raw: np.ndarray, path: Path | str, policy: str = "error") -> np.ndarray:
+        raw = raw.astype(np.int64)
+        inside = (raw >= 0) & (raw < len(self.lut))
+        safe = np.where(inside, raw, 0)
+        unknown = ~inside | ~self.known[safe]
+        if unknown.any() and policy == "error":
+            values = np.unique(raw[unknown])[:10].tolist()
+            raise DataError(
+                f"{path}: label values {values} are not {self.name} ids "
+                "(pass unknown_labels='ignore' to map them to 255)"
+            )
+        out = self.lut[safe]
+        out[unknown] = IGNORE_INDEX
+        return out
+
+
+def _resize_label(task: str, label: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest (max-pooled for edges) resize of one label map to ``size``."""
+    from .transforms import _nearest_index
+
+    if task == "edges":
+        return F.adaptive_max_pool2d(label[None], size)[0]
+    rows = _nearest_index(size[0], label.shape[-2], label.device)
+    cols = _nearest_index(size[1], label.shape[-1], label.device)
+    return label.index_select(-2, rows).index_select(-1, cols)
+
+
+class DenseDataset(Dataset):
+    """Base class of every dataset (see the module docstring for the shared behaviour)."""
+
+    name: ClassVar[str] = ""
+    provides: ClassVar[tuple[str, ...]] = ()  # tasks read from files
+    derives_normals: ClassVar[bool] = False  # normals computed from depth + K
+    splits: ClassVar[tuple[str, ...]] = ("train", "val")
+
+    class_names: tuple[str, ...] = ()
+    palette: np.ndarray = np.zeros((0, 3), dtype=np.uint8)
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        tasks: Sequence[str] = ("semseg", "depth"),
+        transform: Callable[[Sample], Sample] | None = None,
+        *,
+        validate: bool = False,
+        on_missing: str = "error",
+        on_size_mismatch: str = "error",
+        unknown_labels: str = "error",
+    ):
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(2, f"dataset root is not a folder: {self.root}", str(self.root))
+        if split not in self.splits:
+            raise ValueError(f"{self.name}: unknown split {split!r}; choose one of {self.splits}")
+        for value, allowed, what in (
+            (on_missing, MISSING_POLICIES, "on_missing"),
+            (on_size_mismatch, SIZE_POLICIES, "on_size_mismatch"),
+            (unknown_labels, LABEL_POLICIES, "unknown_labels"),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
+        if isinstance(tasks, str):
+            raise TypeError(f"tasks must be a list of task names, got the string {tasks!r}")
+        self.split = split
+        self.tasks = tuple(dict.fromkeys(tasks))
+        unknown = [t for t in self.tasks if t not in self.available_tasks]
+        if unknown:
+            raise ValueError(
+                f"{self.name} does not provide {unknown}; it provides {list(self.available_tasks)}"
+            )
+        self.transform = transform
+        self.validate = validate
+        self.on_missing = on_missing
+        self.on_size_mismatch = on_size_mismatch
+        self.unknown_labels = unknown_labels
+        self.records = self._check_files(self.list_records(split))
+
+    # --- to implement --------------------------------------------------------------------------
+    def list_records(self, split: str) -> list[Record]:
+        """All samples of ``split``, sorted, with the paths of every file they may read."""
+        raise NotImplementedError
+
+    def load_label(self, record: Record, task: str, image_hw: tuple[int, int]) -> Tensor:
+        """Decode one label of ``record`` in the contract's dtype/shape (its own size)."""
+        raise NotImplementedError
+
+    def intrinsics(self, record: Record, image_hw: tuple[int, int]) -> Tensor | None:
+        """K [3,3] of the image as loaded (``image_hw``), or None if unknown."""
+        return None
+
+    def task_files(self, task: str) -> tuple[str, ...]:
+        """Keys of :attr:`Record.files` that ``task`` reads."""
+        if task == "normals" and "normals" not in self.provides:
+            return self.task_files("depth")
+        return (task,)
+
+    # --- shared ---------------------------------------------------------------------------------
+    @property
+    def available_tasks(self) -> tuple[str, ...]:
+        extra = ("normals",) if self.derives_normals and "normals" not in self.provides else ()
+        return self.provides + extra
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.id for r in self.records]
+
+    def _check_files(self, records: list[Record]) -> list[Record]:
+        needed = dict.fromkeys([*self.tasks, *self._load_tasks()])
+        keys = {"image": ("image",)} | {t: self.task_files(t) for t in needed}
+        missing: list[Path] = []
+        kept: list[Record] = []
+        for rec in records:
+            absent = {k for ks in keys.values() for k in ks if not rec.files[k].is_file()}
+            if not absent:
+                kept.append(rec)
+                continue
+            missing.extend(sorted(rec.files[k] for k in absent))
+            if self.on_missing == "drop_sample":
+                continue
+            if self.on_missing == "drop_label" and "image" not in absent:
+                rec.missing = {t for t, ks in keys.items() if t != "image" and set(ks) & absent}
+                kept.append(rec)
+                continue
+            if self.on_missing == "drop_label":
+                raise FileNotFoundError(
+                    2, f"{self.name}: missing image {rec.files['image']}", str(rec.files["image"])
+                )
+        if missing and self.on_missing == "error":
+            shown = "\n  ".join(str(p) for p in missing[:5])
+            raise FileNotFoundError(
+                2,
+                f"{self.name} ({self.split}): {len(missing)} missing file(s), e.g.\n  {shown}\n"
+                "(on_missing='drop_sample' or 'drop_label' keeps going without them)",
+                str(missing[0]),
+            )
+        if missing:
+            what = (
+                f"{len(records) - len(kept)} sample(s) dropped"
+                if self.on_missing == "drop_sample"
+                else "only their labels dropped"
+            )
+            warnings.warn(
+                f"{self.name} ({self.split}): {len(missing)} missing file(s), {what}; "
+                f"first: {missing[0]}",
+                stacklevel=3,
+            )
+        return kept
+
+    def load(self, index: int) -> Sample:
+        """The sample at its native size, before transforms (no derived normals)."""
+        rec = self.records[index]
+        image = read_rgb(rec.files["image"])
+        hw = image.shape[:2]
+        sample: Sample = {
+            "image": torch.from_numpy(image.copy()).permute(2, 0, 1).float().div_(255),
+            "id": rec.id,
+        }
+        K = self.intrinsics(rec, hw)
+        if K is not None:
+            sample["K"] = K
+        for task in self._load_tasks():
+            if task in rec.missing:
+                continue
+            label = self.load_label(rec, task, hw)
+            if tuple(label.shape[-2:]) != hw:
+                label = self._fit_size(rec, task, label, hw)
+            sample[task] = label
+        return sample
+
+    def _derived_normals(self) -> bool:
+        return "normals" in self.tasks and "normals" not in self.provides
+
+    def _load_tasks(self) -> list[str]:
+        """Labels read from files: the tasks, with depth standing in for derived normals."""
+        tasks = [t for t in self.tasks if t != "normals" or not self._derived_normals()]
+        if self._derived_normals() and "depth" not in tasks:
+            tasks.append("depth")
+        return tasks
+
+    def _fit_size(self, rec: Record, task: str, label: Tensor, hw: tuple[int, int]) -> Tensor:
+        lh, lw = label.shape[-2:]
+        path = rec.files[self.task_files(task)[0]]
+        same_aspect = abs((lh / lw) / (hw[0] / hw[1]) - 1) < 0.01
+        if self.on_size_mismatch == "resize" and same_aspect:
+            return _resize_label(task, label, hw)
+        why = "" if same_aspect else " (different aspect ratio: not resizable)"
+        raise DataError(
+            f"{path}: {task} label is {lh}x{lw} but its image "
+            f"{rec.files['image']} is {hw[0]}x{hw[1]}{why}"
+        )
+
+    def __getitem__(self, index: int) -> Sample:
+        sample = self.load(index)
+        if self.validate:
+            validate_sample(
+                sample,
+                num_classes=self.num_classes or None,
+                full=True,
+                where=f"{self.name} {sample['id']} (as loaded)",
+            )
+        if self.transform is not None:
+            sample = self.transform(sample)
+        if self._derived_normals() and "depth" in sample:
+            sample["normals"] = normals_from_depth(sample["depth"], sample["K"])
+            if "depth" not in self.tasks:
+                del sample["depth"]
+        validate_sample(
+            sample,
+            num_classes=self.num_classes or None,
+            full=self.validate,
+            where=f"{self.name} {sample['id']}",
+        )
+        return sample
+
+    @staticmethod
+    def scaled_intrinsics(
+        K: Tensor, native_hw: tuple[int, int], image_hw: tuple[int, int]
+    ) -> Tensor:
+        """Intrinsics given for ``native_hw`` images, adapted to a (pre-resized) image."""
+        if tuple(native_hw) == tuple(image_hw):
+            return K
+        return resize_intrinsics(K, native_hw, image_hw)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, "
+            f"tasks={list(self.tasks)}, n={len(self)})"
+        )
+
+
+def as_tensor_label(task: str, array: np.ndarray) -> Tensor:
+    """A decoded numpy label -> the contract's tensor (dtype and channel layout)."""
+    if task == "semseg":
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+    if task in ("depth", "edges"):
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    if task == "normals":
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32))
+    raise KeyError(task)
+
+
+def clean_depth(depth: np.ndarray) -> np.ndarray:
+    """Metres with every NaN, inf or negative value set to 0 (invalid)."""
+    depth = depth.astype(np.float32, copy=True)
+    depth[~np.isfinite(depth) | (depth < 0)] = 0.0
+    return depth
+
+
+def unit_normals(raw: np.ndarray, min_norm: float = 0.5) -> np.ndarray:
+    """[H,W,3] vectors -> unit vectors; non-finite or shorter than ``min_norm`` -> 0 (invalid)."""
+    raw = raw.astype(np.float32, copy=True)
+    raw[~np.isfinite(raw)] = 0.0
+    norm = np.linalg.norm(raw, axis=-1, keepdims=True)
+    ok = norm >= min_norm
+    return np.where(ok, raw / np.maximum(norm, 1e-12), 0.0).astype(np.float32)
+
+
+def bit_palette(n: int) -> np.ndarray:
+    """n distinct colours by interleaving the bits of the class index (PASCAL VOC scheme)."""
+    out = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i + 1, 0, 0, 0  # +1 so that class 0 is not black
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        out[i] = (r, g, b)
+    return out

@@ -1,0 +1,437 @@
+"""LightningDataModules: one domain (:class:`DenseDataModule`) and labelled source + unlabelled
+target for domain adaptation (:class:`AdaptationDataModule`).
+
+Both take only plain arguments so that they can be the ``data:`` section of a LightningCLI
+config. Training batches follow :func:`densemtl.data.sample.collate` (stacked labels plus
+``has_<task>`` flags). In adaptation the training batch is ``{"source": batch, "target": batch}``;
+the target training set is built with no tasks at all, so its label files are never opened
+(delete them and training still runs); validation and test use the *target*'s labelled split.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from densemtl.tasks import get_task
+
+from .base import DenseDataset
+from .registry import build_dataset
+from .sample import collate
+from .sampling import EpochSampler
+from .transforms import build_transforms
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed numpy and random from torch's per-worker seed (torch itself is seeded already)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, num_workers: int,
+                pin_memory: bool, drop_last: bool, seed: int) -> DataLoader:
+    """A DataLoader with the densemtl collate and an :class:`EpochSampler`.
+
+    The sample order depends only on ``seed`` and the epoch and is sharded across processes
+    (training padded, evaluation not), so resumed and distributed runs see the right samples;
+    the trainer must not replace the sampler (``use_distributed_sampler: false``, the CLI's
+    default).
+    """
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), shuffle, seed),
+        num_workers=num_workers, collate_fn=collate,
+        pin_memory=pin_memory and torch.cuda.is_available(), drop_last=drop_last,
+        persistent_workers=num_workers > 0, worker_init_fn=_seed_worker, generator=generator,
+    )
+
+
+def _check_tasks(tasks: Sequence[str]) -> list[str]:
+    tasks = list(tasks)
+    for t in tasks:
+        get_task(t)
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks listed twice: {tasks}")
+    return tasks
+
+
+class _Common(L.LightningDataModule):
+    """Transforms and loader settings shared by both data modules."""
+
+    def _init_common(
+        self,
+        tasks: Sequence[str],
+        height: int,
+        width: int,
+        batch_size: int,
+        val_batch_size: int | None,
+        num_workers: int,
+        pin_memory: bool,
+        crop_height: int | None,
+        crop_width: int | None,
+        scale_min: float,
+        scale_max: float,
+        hflip: float,
+        color_jitter: float,
+        drop_last: bool,
+        seed: int,
+        validate: bool,
+    ) -> None:
+        self.tasks = _check_tasks(tasks)
+        self.height, self.width = int(height), int(width)
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size or batch_size)
+        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        if (crop_height is None) != (crop_width is None):
+            raise ValueError("give both crop_height and crop_width, or neither")
+        self.crop = None if crop_height is None else (int(crop_height), int(crop_width))
+        self.scale_range = (float(scale_min), float(scale_max))
+        self.hflip, self.color_jitter = float(hflip), float(color_jitter)
+        self.drop_last, self.seed, self.validate = bool(drop_last), int(seed), bool(validate)
+        self._datasets: dict[tuple[str, str], DenseDataset] = {}
+
+    def train_transform(self, height: int | None = None, width: int | None = None):
+        return build_transforms(
+            height or self.height,
+            width or self.width,
+            train=True,
+            crop=self.crop,
+            scale_range=self.scale_range,
+            hflip_p=self.hflip,
+            color_jitter=self.color_jitter,
+        )
+
+    def eval_transform(self, height: int | None = None, width: int | None = None):
+        return build_transforms(height or self.height, width or self.width, train=False)
+
+    def __repr__(self) -> str:
+        # Lightning's own __str__ builds every dataloader to describe them; keep printing cheap
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items() if v is not None)
+        return f"{type(self).__name__}({args})"
+
+    __str__ = __repr__
+
+    def _loader(self, dataset: Dataset, train: bool, batch_size: int | None = None) -> DataLoader:
+        return make_loader(
+            dataset,
+            batch_size or (self.batch_size if train else self.val_batch_size),
+            shuffle=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            drop_last=self.drop_last and train,
+            seed=self.seed,
+        )
+
+
+class DenseDataModule(_Common):
+    """One dataset: train / val / test splits and prediction on a folder of images.
+
+    ``dataset`` is a key of :data:`densemtl.data.registry.DATASETS`; ``dataset_options`` go to its
+    constructor (e.g. ``{"num_classes": 16}`` for Cityscapes). Training: resize to
+    ``height x width``, optional scale jitter in ``[scale_min, scale_max]``, random crop to
+    ``crop_height x crop_width`` (default: back to ``height x width`` after jitter), flip with
+    probability ``hflip``, colour jitter of strength ``color_jitter``. Evaluation: resize only.
+    ``limit_train`` keeps the first N training samples (after the split), for quick runs.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        root: str,
+        tasks: list[str],
+        height: int,
+        width: int,
+        batch_size: int = 2,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        crop_height: int | None = None,
+        crop_width: int | None = None,
+        scale_min: float = 1.0,
+        scale_max: float = 1.0,
+        hflip: float = 0.5,
+        color_jitter: float = 0.0,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "val",
+        predict_root: str | None = None,
+        limit_train: int | None = None,
+        drop_last: bool = True,
+        seed: int = 0,
+        validate: bool = False,
+        dataset_options: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self._init_common(
+            tasks,
+            height,
+            width,
+            batch_size,
+            val_batch_size,
+            num_workers,
+            pin_memory,
+            crop_height,
+            crop_width,
+            scale_min,
+            scale_max,
+            hflip,
+            color_jitter,
+            drop_last,
+            seed,
+            validate,
+        )
+        self.dataset_name, self.root = dataset, root
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.predict_root, self.limit_train = predict_root, limit_train
+        self.dataset_options = dict(dataset_options or {})
+
+    def dataset(self, stage: str) -> DenseDataset:
+        """The (memoised) dataset for ``train``, ``val``, ``test`` or ``predict``."""
+        split = self.splits.get(stage, self.splits["test"])
+        key = (stage, split)
+        if key not in self._datasets:
+            if stage == "predict" and self.predict_root:
+                self._datasets[key] = build_dataset(
+                    "folder",
+                    self.predict_root,
+                    "all",
+                    [],
+                    self.eval_transform(),
+                    validate=self.validate,
+                )
+            else:
+                train = stage == "train"
+                transform = self.train_transform() if train else self.eval_transform()
+                tasks = self.tasks if stage != "predict" else []
+                self._datasets[key] = build_dataset(
+                    self.dataset_name,
+                    self.root,
+                    split,
+                    tasks,
+                    transform,
+                    validate=self.validate,
+                    **self.dataset_options,
+                )
+        return self._datasets[key]
+
+    @property
+    def info_dataset(self) -> DenseDataset:
+        return self.dataset("val")
+
+    @property
+    def num_classes(self) -> int:
+        return self.info_dataset.num_classes
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.info_dataset.class_names)
+
+    @property
+    def palette(self) -> np.ndarray:
+        return self.info_dataset.palette
+
+    def setup(self, stage: str | None = None) -> None:
+        stages = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("predict",),
+            None: ("train", "val", "test"),
+        }[stage]
+        for s in stages:
+            self.dataset(s)
+
+    def train_dataloader(self) -> DataLoader:
+        ds: Dataset = self.dataset("train")
+        if self.limit_train is not None:
+            ds = Subset(ds, range(min(self.limit_train, len(ds))))
+        return self._loader(ds, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("predict"), train=False)
+
+
+class AdaptationDataModule(_Common):
+    """Labelled source + unlabelled target (unsupervised domain adaptation).
+
+    Training yields ``{"source": batch, "target": batch}`` through a Lightning
+    ``CombinedLoader`` (``mode``: ``max_size_cycle`` or ``min_size``, the official code's zip).
+    The target training set has no tasks: only its images are read. Validation/test run on the
+    target's ``val_split`` / ``test_split`` with labels. Source and target must have the same
+    number of classes (choose the class sets, e.g. Synthia -> Cityscapes ``num_classes: 16``).
+    The target may use its own size (``target_height`` / ``target_width``).
+    """
+
+    def __init__(
+        self,
+        source: str,
+        source_root: str,
+        target: str,
+        target_root: str,
+        tasks: list[str],
+        height: int,
+        width: int,
+        target_height: int | None = None,
+        target_width: int | None = None,
+        batch_size: int = 2,
+        target_batch_size: int | None = None,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        crop_height: int | None = None,
+        crop_width: int | None = None,
+        scale_min: float = 1.0,
+        scale_max: float = 1.0,
+        hflip: float = 0.5,
+        color_jitter: float = 0.0,
+        source_split: str = "train",
+        target_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "val",
+        mode: str = "max_size_cycle",
+        drop_last: bool = True,
+        seed: int = 0,
+        validate: bool = False,
+        source_options: dict[str, Any] | None = None,
+        target_options: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self._init_common(
+            tasks,
+            height,
+            width,
+            batch_size,
+            val_batch_size,
+            num_workers,
+            pin_memory,
+            crop_height,
+            crop_width,
+            scale_min,
+            scale_max,
+            hflip,
+            color_jitter,
+            drop_last,
+            seed,
+            validate,
+        )
+        if mode not in ("max_size_cycle", "min_size", "max_size"):
+            raise ValueError(f"unknown CombinedLoader mode {mode!r}")
+        self.source, self.source_root = source, source_root
+        self.target, self.target_root = target, target_root
+        self.target_size = (target_height or self.height, target_width or self.width)
+        self.target_batch_size = int(target_batch_size or batch_size)
+        self.source_split, self.target_split = source_split, target_split
+        self.val_split, self.test_split, self.mode = val_split, test_split, mode
+        self.source_options = dict(source_options or {})
+        self.target_options = dict(target_options or {})
+
+    def dataset(self, role: str) -> DenseDataset:
+        """``source`` (train, labelled), ``target`` (train, no labels), ``val`` or ``test``."""
+        if role not in self._datasets:
+            th, tw = self.target_size
+            specs = {
+                "source": (
+                    self.source,
+                    self.source_root,
+                    self.source_split,
+                    self.tasks,
+                    self.train_transform(),
+                    self.source_options,
+                ),
+                "target": (
+                    self.target,
+                    self.target_root,
+                    self.target_split,
+                    [],
+                    self.train_transform(th, tw),
+                    self.target_options,
+                ),
+                "val": (
+                    self.target,
+                    self.target_root,
+                    self.val_split,
+                    self.tasks,
+                    self.eval_transform(th, tw),
+                    self.target_options,
+                ),
+                "test": (
+                    self.target,
+                    self.target_root,
+                    self.test_split,
+                    self.tasks,
+                    self.eval_transform(th, tw),
+                    self.target_options,
+                ),
+            }
+            name, root, split, tasks, transform, options = specs[role]
+            self._datasets[role] = build_dataset(
+                name, root, split, tasks, transform, validate=self.validate, **options
+            )
+            self._check_classes()
+        return self._datasets[role]
+
+    def _check_classes(self) -> None:
+        counts = {r: d.num_classes for r, d in self._datasets.items() if r != "target"}
+        if "semseg" in self.tasks and len(set(counts.values())) > 1:
+            raise ValueError(
+                f"source and target class counts differ: {counts}; choose matching "
+                "class sets in source_options / target_options"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset("source").num_classes
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.dataset("source").class_names)
+
+    @property
+    def palette(self) -> np.ndarray:
+        return self.dataset("source").palette
+
+    def setup(self, stage: str | None = None) -> None:
+        roles = {
+            "fit": ("source", "target", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("test",),
+            None: ("source", "target", "val", "test"),
+        }[stage]
+        for r in roles:
+            self.dataset(r)
+
+    def train_dataloader(self) -> CombinedLoader:
+        loaders = {
+            "source": self._loader(self.dataset("source"), train=True),
+            "target": self._loader(
+                self.dataset("target"), train=True, batch_size=self.target_batch_size
+            ),
+        }
+        return CombinedLoader(loaders, mode=self.mode)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), train=False)

@@ -1,0 +1,252 @@
+"""NYUDv2 in the ATRC / MTI-Net ``NYUD_MT`` layout (both variants) and the synthetic benchmark.
+
+::
+
+    <root>/gt_sets/{train,val}.txt    one id per line (official split: 795 / 654)
+    <root>/images/<id>.png | .jpg     RGB
+    <root>/segmentation/<id>.png      uint8: 0 = void, 1..40 = classes (train id = value - 1)
+    <root>/depth/<id>.npy             float, metres ([H,W] or [H,W,1])
+    <root>/normals/<id>.png | .npy    PNG: n = 2 v / 255 - 1; NPY: float [H,W,3] in [-1, 1]
+    <root>/edge/<id>.png | .npy       PNG: 0 / 255; NPY: 0 / 1
+
+``<root>`` may also be the folder that contains ``NYUD_MT``. ``variant="auto"`` takes, per file,
+the first extension that exists (PNG first); ``"png"`` / ``"npy"`` demand one variant (NPY = the
+ATRC archive: JPEG images, NPY normals and edges). Decoding: void -> 255; a segmentation value
+above the number of classes is an unknown id (see ``unknown_labels``); NaN/inf/negative depth -> 0;
+normals shorter than 0.5 before normalisation (e.g. PNG grey 128) -> invalid; an edge is a value of
+at least half the code range (128 in PNG, 0.5 in NPY).
+
+The normals are taken as stored; ``normals_signs`` multiplies their (x, y, z) components if a
+copy of the data uses other axis directions than densemtl's (x right, y down, z forward, towards
+the camera). Intrinsics: the NYUv2 Kinect colour camera (640x480: fx 518.86, fy 519.47,
+cx 325.58, cy 253.74) shifted by the usual crop offset (top 45, left 40) for the 425x560 images
+-- an approximation, since the archive does not store it; ``intrinsics=[fx, fy, cx, cy]``
+(for the stored image size) overrides it.
+
+A folder written by ``densemtl synth`` has the same layout plus ``meta.json``; when that file is
+present its class names, palette and exact intrinsics are used (``SyntheticDataset`` requires it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+from .base import (
+    DenseDataset,
+    LabelMap,
+    Record,
+    as_tensor_label,
+    bit_palette,
+    clean_depth,
+    unit_normals,
+)
+from .geometry import make_intrinsics
+from .io import DataError, read_json, read_npy, read_png
+from .sample import Sample
+from .splits import read_id_list
+from .synthetic import GENERATOR, META_FILE
+
+NYUD_CLASSES = (
+    "wall",
+    "floor",
+    "cabinet",
+    "bed",
+    "chair",
+    "sofa",
+    "table",
+    "door",
+    "window",
+    "bookshelf",
+    "picture",
+    "counter",
+    "blinds",
+    "desk",
+    "shelves",
+    "curtain",
+    "dresser",
+    "pillow",
+    "mirror",
+    "floormat",
+    "clothes",
+    "ceiling",
+    "books",
+    "fridge",
+    "tv",
+    "paper",
+    "towel",
+    "showercurtain",
+    "box",
+    "whiteboard",
+    "person",
+    "nightstand",
+    "toilet",
+    "sink",
+    "lamp",
+    "bath",
+    "bag",
+    "otherstru",
+    "otherfurntr",
+    "otherprop",
+)
+NYUD_SIZE = (425, 560)
+NYUD_K = (518.857901, 519.469611, 325.582449 - 40, 253.736166 - 45)
+
+_EXTENSIONS = {
+    # file key: (folder, {variant: extensions tried in order})
+    "image": ("images", {"auto": (".png", ".jpg"), "png": (".png",), "npy": (".jpg",)}),
+    "semseg": ("segmentation", {"auto": (".png",), "png": (".png",), "npy": (".png",)}),
+    "depth": ("depth", {"auto": (".npy",), "png": (".npy",), "npy": (".npy",)}),
+    "normals": ("normals", {"auto": (".png", ".npy"), "png": (".png",), "npy": (".npy",)}),
+    "edges": ("edge", {"auto": (".png", ".npy"), "png": (".png",), "npy": (".npy",)}),
+}
+
+
+class NYUDv2Dataset(DenseDataset):
+    """NYUDv2 (ATRC layout): 40 classes, depth, normals and edges from files."""
+
+    name = "nyudv2"
+    provides = ("semseg", "depth", "normals", "edges")
+    splits = ("train", "val", "test")
+    class_names = NYUD_CLASSES
+    palette = bit_palette(40)
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        tasks: Sequence[str] = ("semseg", "depth", "normals", "edges"),
+        transform: Callable[[Sample], Sample] | None = None,
+        *,
+        variant: str = "auto",
+        intrinsics: Sequence[float] | None = None,
+        normals_signs: Sequence[float] = (1.0, 1.0, 1.0),
+        **policies,
+    ):
+        if variant not in ("auto", "png", "npy"):
+            raise ValueError(f"variant must be 'auto', 'png' or 'npy', got {variant!r}")
+        root = Path(root).expanduser()
+        if (root / "NYUD_MT" / "gt_sets").is_dir():
+            root = root / "NYUD_MT"
+        self.variant = variant
+        self.normals_signs = np.asarray(normals_signs, dtype=np.float32).reshape(3)
+        self.meta = self._read_meta(root)
+        self._K_native: tuple[tuple[float, ...], tuple[int, int]] = (NYUD_K, NYUD_SIZE)
+        if self.meta is not None:
+            K = self.meta["K"]
+            self._K_native = (
+                (K[0][0], K[1][1], K[0][2], K[1][2]),
+                (int(self.meta["height"]), int(self.meta["width"])),
+            )
+            self.class_names = tuple(self.meta["class_names"])
+            self.palette = np.asarray(self.meta["palette"], dtype=np.uint8).reshape(-1, 3)
+        self._K_override = None if intrinsics is None else tuple(float(x) for x in intrinsics)
+        n = len(self.class_names)
+        self.label_map = LabelMap(
+            {v: v - 1 for v in range(1, n + 1)}, range(n + 1), f"{self.name} segmentation (0..{n})"
+        )
+        super().__init__(root, split, tasks, transform, **policies)
+
+    def _read_meta(self, root: Path) -> dict | None:
+        path = root / META_FILE
+        if not path.is_file():
+            return None
+        meta = read_json(path)
+        if not isinstance(meta, dict) or meta.get("generator") != GENERATOR:
+            return None
+        for key in ("class_names", "palette", "K", "height", "width"):
+            if key not in meta:
+                raise DataError(f"{path}: missing key {key!r}")
+        return meta
+
+    def list_records(self, split: str) -> list[Record]:
+        ids = read_id_list(self.root / "gt_sets" / f"{split}.txt")
+        return [Record(i, {k: self._path(k, i) for k in _EXTENSIONS}) for i in ids]
+
+    def _path(self, key: str, sample_id: str) -> Path:
+        folder, exts = _EXTENSIONS[key]
+        candidates = [self.root / folder / f"{sample_id}{e}" for e in exts[self.variant]]
+        return next((p for p in candidates if p.is_file()), candidates[0])
+
+    def intrinsics(self, record: Record, image_hw: tuple[int, int]) -> Tensor:
+        if self._K_override is not None:
+            return make_intrinsics(*self._K_override)
+        values, native = self._K_native
+        return self.scaled_intrinsics(make_intrinsics(*values), native, image_hw)
+
+    def load_label(self, record: Record, task: str, image_hw: tuple[int, int]) -> Tensor:
+        path = record.files[task]
+        if task == "semseg":
+            raw = read_png(path)
+            if raw.ndim != 2:
+                raise DataError(
+                    f"{path}: segmentation must be a single-channel PNG, got {raw.shape}"
+                )
+            return as_tensor_label(task, self.label_map(raw, path, self.unknown_labels))
+        if task == "depth":
+            return as_tensor_label(task, clean_depth(_squeeze_2d(read_npy(path), path)))
+        if task == "normals":
+            if path.suffix == ".png":
+                raw = read_png(path)
+                if raw.ndim != 3 or raw.shape[2] != 3 or raw.dtype != np.uint8:
+                    raise DataError(
+                        f"{path}: normals PNG must be 8-bit RGB, got {raw.shape} {raw.dtype}"
+                    )
+                vec = raw.astype(np.float32) * (2.0 / 255.0) - 1.0
+            else:
+                vec = read_npy(path).astype(np.float32)
+                if vec.ndim != 3 or vec.shape[2] != 3:
+                    raise DataError(f"{path}: normals array must be [H,W,3], got {vec.shape}")
+            return as_tensor_label(task, unit_normals(vec) * self.normals_signs)
+        if task == "edges":
+            if path.suffix == ".png":
+                raw = read_png(path)
+                if raw.ndim == 3:
+                    raw = raw[..., 0]
+                edges = raw >= (128 if raw.dtype == np.uint8 else 32768)
+            else:
+                arr = _squeeze_2d(read_npy(path), path).astype(np.float32)
+                edges = np.nan_to_num(arr, nan=0.0) >= 0.5
+            return as_tensor_label(task, edges)
+        raise KeyError(task)
+
+
+def _squeeze_2d(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise DataError(f"{path}: expected a [H,W] array, got shape {arr.shape}")
+    return arr
+
+
+class SyntheticDataset(NYUDv2Dataset):
+    """The built-in procedural benchmark (``densemtl synth``), read through the NYUDv2 loader."""
+
+    name = "synthetic"
+    splits = ("train", "val")
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        tasks: Sequence[str] = ("semseg", "depth", "normals", "edges"),
+        transform: Callable[[Sample], Sample] | None = None,
+        **options,
+    ):
+        meta = Path(root).expanduser() / META_FILE
+        if not meta.is_file():
+            raise FileNotFoundError(
+                2,
+                f"missing file: {meta} (generate the data with 'densemtl synth --out {root} ...')",
+                str(meta),
+            )
+        super().__init__(root, split, tasks, transform, **options)
+        if self.meta is None:
+            raise DataError(f"{meta}: not written by densemtl synth")
+
+    @property
+    def style(self) -> str:
+        return str(self.meta["style"]) if self.meta else ""

@@ -1,0 +1,250 @@
+"""Joint transforms over the sample dict; every geometric one keeps ``K`` exact.
+
+Interpolation per key when resizing:
+
+* ``image``: bilinear with antialiasing (``torchvision.transforms.v2.functional.resize``);
+* ``semseg``, ``depth``, ``normals``: nearest, sampling the source pixel whose centre is nearest
+  to the target pixel centre (depth is never averaged across a discontinuity or with an invalid 0);
+  normals are renormalised afterwards (0-vectors stay 0);
+* ``edges``: max over the source pixels each target pixel overlaps (adaptive max pooling), so thin
+  edges survive downsampling.
+
+Cropping outside the image pads with the invalid values (image 0, semseg 255, depth 0, normals 0,
+edges 0). A horizontal flip mirrors every map, negates the x component of the normals and sets
+``cx' = W - 1 - cx`` (see :mod:`densemtl.data.geometry`). Randomness comes from torch's global
+generator, which the DataLoader seeds per worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from .geometry import crop_intrinsics, hflip_intrinsics, resize_intrinsics
+from .sample import FILL_VALUES, TASK_KEYS, Sample, sample_size
+
+Transform = Callable[[Sample], Sample]
+
+_MAP_KEYS = ("image", *TASK_KEYS)
+_FILL = {"image": 0.0, **FILL_VALUES}
+
+
+def _nearest_index(n_out: int, n_in: int, device: torch.device) -> Tensor:
+    """Source index whose pixel centre is nearest to each target pixel centre."""
+    pos = (torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * (n_in / n_out)
+    return pos.floor().long().clamp_(0, n_in - 1)
+
+
+def resize(sample: Sample, height: int, width: int) -> Sample:
+    """Resize every map of ``sample`` to ``height x width`` and update ``K``."""
+    h, w = sample_size(sample)
+    if (h, w) == (height, width):
+        return dict(sample)
+    out = dict(sample)
+    image = sample["image"]
+    out["image"] = TF.resize(image, [height, width], antialias=True).clamp_(0.0, 1.0)
+    rows = _nearest_index(height, h, image.device)
+    cols = _nearest_index(width, w, image.device)
+    for key in ("semseg", "depth", "normals"):
+        if key in sample:
+            out[key] = sample[key].index_select(-2, rows).index_select(-1, cols)
+    if "normals" in out:
+        n = out["normals"]
+        out["normals"] = n / n.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    if "edges" in sample:
+        out["edges"] = F.adaptive_max_pool2d(sample["edges"][None], (height, width))[0]
+    if "K" in sample:
+        out["K"] = resize_intrinsics(sample["K"], (h, w), (height, width))
+    return out
+
+
+def crop(sample: Sample, top: int, left: int, height: int, width: int) -> Sample:
+    """Crop a ``height x width`` window at (top, left); parts outside the image are padded."""
+    h, w = sample_size(sample)
+    out = dict(sample)
+    src_r = slice(max(top, 0), min(top + height, h))
+    src_c = slice(max(left, 0), min(left + width, w))
+    dst_r = slice(src_r.start - top, src_r.stop - top)
+    dst_c = slice(src_c.start - left, src_c.stop - left)
+    inside = top >= 0 and left >= 0 and top + height <= h and left + width <= w
+    for key in _MAP_KEYS:
+        if key not in sample:
+            continue
+        x = sample[key]
+        if inside:
+            out[key] = x[..., src_r, src_c]
+            continue
+        new = torch.full((*x.shape[:-2], height, width), _FILL[key], dtype=x.dtype, device=x.device)
+        if src_r.stop > src_r.start and src_c.stop > src_c.start:
+            new[..., dst_r, dst_c] = x[..., src_r, src_c]
+        out[key] = new
+    if "K" in sample:
+        out["K"] = crop_intrinsics(sample["K"], top, left)
+    return out
+
+
+def hflip(sample: Sample) -> Sample:
+    """Mirror left-right: maps flipped, normals' x negated, ``cx' = W - 1 - cx``."""
+    _, w = sample_size(sample)
+    out = dict(sample)
+    for key in _MAP_KEYS:
+        if key in sample:
+            out[key] = sample[key].flip(-1)
+    if "normals" in out:
+        n = out["normals"].clone()
+        n[0] = -n[0]
+        out["normals"] = n
+    if "K" in sample:
+        out["K"] = hflip_intrinsics(sample["K"], w)
+    return out
+
+
+class Compose:
+    """Apply transforms in order."""
+
+    def __init__(self, transforms: Sequence[Transform]):
+        self.transforms = list(transforms)
+
+    def __call__(self, sample: Sample) -> Sample:
+        for t in self.transforms:
+            sample = t(sample)
+        return sample
+
+    def __repr__(self) -> str:
+        return f"Compose({self.transforms})"
+
+
+class Resize:
+    """Resize to a fixed size (aspect ratio not preserved, as the official loaders do)."""
+
+    def __init__(self, height: int, width: int):
+        self.height, self.width = int(height), int(width)
+
+    def __call__(self, sample: Sample) -> Sample:
+        return resize(sample, self.height, self.width)
+
+    def __repr__(self) -> str:
+        return f"Resize({self.height}, {self.width})"
+
+
+class RandomScale:
+    """Scale jitter: resize by a factor drawn uniformly from [min_scale, max_scale]."""
+
+    def __init__(self, min_scale: float, max_scale: float):
+        if not 0 < min_scale <= max_scale:
+            raise ValueError(f"need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
+        self.min_scale, self.max_scale = float(min_scale), float(max_scale)
+
+    def __call__(self, sample: Sample) -> Sample:
+        s = self.min_scale + (self.max_scale - self.min_scale) * float(torch.rand(()))
+        h, w = sample_size(sample)
+        return resize(sample, max(1, round(h * s)), max(1, round(w * s)))
+
+    def __repr__(self) -> str:
+        return f"RandomScale({self.min_scale}, {self.max_scale})"
+
+
+class RandomCrop:
+    """Crop a random ``height x width`` window; a smaller image is padded (random placement)."""
+
+    def __init__(self, height: int, width: int):
+        self.height, self.width = int(height), int(width)
+
+    def __call__(self, sample: Sample) -> Sample:
+        h, w = sample_size(sample)
+        top = _random_offset(h, self.height)
+        left = _random_offset(w, self.width)
+        return crop(sample, top, left, self.height, self.width)
+
+    def __repr__(self) -> str:
+        return f"RandomCrop({self.height}, {self.width})"
+
+
+def _random_offset(size: int, crop_size: int) -> int:
+    if size >= crop_size:
+        return int(torch.randint(0, size - crop_size + 1, ()))
+    return -int(torch.randint(0, crop_size - size + 1, ()))
+
+
+class CenterCrop:
+    """Crop the central ``height x width`` window (padding if the image is smaller)."""
+
+    def __init__(self, height: int, width: int):
+        self.height, self.width = int(height), int(width)
+
+    def __call__(self, sample: Sample) -> Sample:
+        h, w = sample_size(sample)
+        return crop(sample, (h - self.height) // 2, (w - self.width) // 2, self.height, self.width)
+
+    def __repr__(self) -> str:
+        return f"CenterCrop({self.height}, {self.width})"
+
+
+class RandomHorizontalFlip:
+    """Flip with probability ``p`` (see :func:`hflip`)."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = float(p)
+
+    def __call__(self, sample: Sample) -> Sample:
+        return hflip(sample) if float(torch.rand(())) < self.p else sample
+
+    def __repr__(self) -> str:
+        return f"RandomHorizontalFlip({self.p})"
+
+
+class ColorJitter:
+    """Photometric jitter of the image only (``torchvision.transforms.v2.ColorJitter``)."""
+
+    def __init__(
+        self,
+        brightness: float = 0.0,
+        contrast: float = 0.0,
+        saturation: float = 0.0,
+        hue: float = 0.0,
+    ):
+        self.jitter = v2.ColorJitter(brightness, contrast, saturation, hue)
+
+    def __call__(self, sample: Sample) -> Sample:
+        out = dict(sample)
+        out["image"] = self.jitter(sample["image"]).clamp(0.0, 1.0)
+        return out
+
+    def __repr__(self) -> str:
+        return repr(self.jitter)
+
+
+def build_transforms(
+    height: int,
+    width: int,
+    *,
+    train: bool,
+    crop: tuple[int, int] | None = None,
+    scale_range: tuple[float, float] = (1.0, 1.0),
+    hflip_p: float = 0.5,
+    color_jitter: float = 0.0,
+) -> Compose:
+    """The standard pipeline: resize to ``height x width``; when training, optionally scale
+    jitter, random crop (to ``crop`` or back to ``height x width`` after jitter), flip and
+    colour jitter (``color_jitter`` = brightness/contrast/saturation strength, hue / 4)."""
+    steps: list[Any] = [Resize(height, width)]
+    if not train:
+        return Compose(steps)
+    jitter = tuple(scale_range) != (1.0, 1.0)
+    if jitter:
+        steps.append(RandomScale(*scale_range))
+    if crop is not None or jitter:
+        ch, cw = crop if crop is not None else (height, width)
+        steps.append(RandomCrop(ch, cw))
+    if hflip_p > 0:
+        steps.append(RandomHorizontalFlip(hflip_p))
+    if color_jitter > 0:
+        c = float(color_jitter)
+        steps.append(ColorJitter(c, c, c, min(0.5, c / 4)))
+    return Compose(steps)

@@ -1,0 +1,116 @@
+"""``densemtl fit | validate | test | predict --config ...`` through LightningCLI.
+
+One run folder per run (``trainer.default_root_dir``): the resolved ``config.yaml``,
+``checkpoints/`` (``last.ckpt`` and the best by ``checkpoint.monitor``), ``metrics/`` (one JSON
+per evaluation), ``grids/`` (prediction grids), TensorBoard events and ``metrics.csv``; ``test``
+adds ``metrics.json`` and ``report.md``. ``--ckpt_path last`` resumes exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written to a temporary file and renamed: a crash never leaves half a file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path,
+                        storage_options: Any | None = None) -> None:
+        path = Path(path)
+        if get_filesystem(str(path)).protocol not in ("file", ("file", "local")):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return None
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, but a resumed or evaluated run appends to ``metrics.csv``."""
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if path.is_file():
+            with path.open(newline="") as f:
+                self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
+
+
+class AppendingCSVLogger(CSVLogger):
+    """``CSVLogger`` that keeps the rows of earlier runs in the same folder."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir or ".", exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class DenseCLI(LightningCLI):
+    """LightningCLI with densemtl's run-folder layout, checkpointing and loggers."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The tasks are declared once, in the model; the data module loads exactly those.
+        parser.link_arguments("model.init_args.tasks", "data.init_args.tasks",
+                              compute_fn=lambda tasks: list(tasks))
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/score",
+            "checkpoint.mode": "max",
+            "checkpoint.save_last": True,
+            "checkpoint.save_top_k": 1,
+            "checkpoint.filename": "best-step{step:07d}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        if trainer_cfg.get("logger") in (None, True):
+            root = trainer_cfg.get("default_root_dir") or os.getcwd()
+            kwargs["logger"] = [TensorBoardLogger(root, name="", version=""),
+                                AppendingCSVLogger(root, name="", version="")]
+        if not trainer_cfg.get("plugins"):
+            kwargs["plugins"] = [AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+
+def make_cli(args: list[str], run: bool = True) -> DenseCLI:
+    return DenseCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        # Our data modules shard with their own samplers (exact, unpadded evaluation).
+        trainer_defaults={"gradient_clip_val": 10.0, "use_distributed_sampler": False},
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "densemtl"},
+        auto_configure_optimizers=False,
+        args=args,
+        run=run,
+    )
+
+
+def main(argv: list[str], command: str) -> int:
+    make_cli([command, *argv])
+    return 0
