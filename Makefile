@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks configs
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup tests

@@ -92,6 +92,49 @@ class ConvBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.conv(x))
 
+    def upsampled(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
+        """``forward(cat([nearest_up2(x), skip]))`` without building the upsampled map."""
+        cx = x.shape[1]
+        out = upsample2_conv3x3(x, self.conv.weight[:, :cx], self.conv.bias)
+        if skip is not None:
+            out = out + F.conv2d(F.pad(skip, (1, 1, 1, 1), mode="reflect"),
+                                 self.conv.weight[:, cx:])
+        return self.act(out)
+
+
+def _phase_kernels(weight: Tensor) -> Tensor:
+    """3x3 kernels [O,I,3,3] -> the four 2x2 phase kernels [4*O, I, 2, 2] of conv(up2(x)).
+
+    Output row 2i sees upsampled rows 2i-1, 2i, 2i+1 = low-res rows i-1, i, i: taps
+    (w0, w1 + w2) on rows (i-1, i); row 2i+1 sees i, i, i+1: taps (w0 + w1, w2) on (i, i+1).
+    The same holds for columns. Channel order is (o, a, b) for ``pixel_shuffle``.
+    """
+    rows = torch.stack([torch.stack([weight[:, :, 0], weight[:, :, 1] + weight[:, :, 2]], 2),
+                        torch.stack([weight[:, :, 0] + weight[:, :, 1], weight[:, :, 2]], 2)])
+    # rows: [2(a), O, I, 2(taps), 3]; now fold the columns the same way
+    cols = torch.stack([torch.stack([rows[..., 0], rows[..., 1] + rows[..., 2]], -1),
+                        torch.stack([rows[..., 0] + rows[..., 1], rows[..., 2]], -1)])
+    # cols: [2(b), 2(a), O, I, 2, 2] -> [O, a, b, I, 2, 2]
+    o, i = weight.shape[:2]
+    return cols.permute(2, 1, 0, 3, 4, 5).reshape(4 * o, i, 2, 2)
+
+
+def upsample2_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``conv3x3_reflect(nearest_up2(x))`` computed at low resolution (exact, ~2.2x cheaper).
+
+    Reflection padding of the upsampled map equals replicate padding of ``x``; each of the four
+    output phases is a 2x2 convolution of the padded low-resolution map.
+    """
+    h, w = x.shape[-2:]
+    out = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), _phase_kernels(weight))
+    # phase (a, b) of output pixel (i, j) sits at (i + a, j + b) of the (h+1)x(w+1) result
+    o = weight.shape[0]
+    out = out.view(out.shape[0], o, 2, 2, h + 1, w + 1)
+    out = torch.stack([torch.stack([out[:, :, a, b, a:a + h, b:b + w] for b in (0, 1)], 2)
+                       for a in (0, 1)], 2)  # [B, O, a, b, h, w]
+    out = F.pixel_shuffle(out.reshape(out.shape[0], 4 * o, h, w), 2)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
 
 class TaskDecoder(nn.Module):
     """The paper's "padnet+" decoder: a U-Net over the five encoder features.
@@ -102,7 +145,11 @@ class TaskDecoder(nn.Module):
     at stride 2^i; a 1x1 ``side`` conv gives the prediction at each scale in ``scales``.
 
     The decoder can run any contiguous subset of levels (``run``), which is how the exchange
-    block is inserted between levels.
+    block is inserted between levels. With ``fused_upsample`` (default) the x2 nearest
+    upsampling and the following reflection-padded conv are computed together at low resolution
+    (:func:`upsample2_conv3x3`): the same outputs (up to float rounding) for about 45% of the
+    multiply-adds of those channels and without the upsampled map in memory; ``False`` is the
+    literal reference path.
     """
 
     def __init__(
@@ -115,8 +162,10 @@ class TaskDecoder(nn.Module):
         aspp_rates: Sequence[int] = (6, 12, 18),
         aspp_pooling: bool = True,
         aspp_dropout: float = 0.5,
+        fused_upsample: bool = True,
     ) -> None:
         super().__init__()
+        self.fused_upsample = fused_upsample
         if len(enc_channels) != 5 or len(num_ch_dec) != 5:
             raise ValueError("TaskDecoder needs five encoder and five decoder channel counts")
         if any(s not in range(5) for s in scales) or len(set(scales)) != len(scales):
@@ -153,14 +202,15 @@ class TaskDecoder(nn.Module):
         out: dict[int, Tensor] = {}
         for i in levels:
             x = self.up[str(i)](x)
-            if i == 0:
-                x = F.interpolate(x, size=image_size, mode="nearest")
+            skip = feats[i - 1] if i > 0 else None
+            size = tuple(image_size) if skip is None else tuple(skip.shape[-2:])
+            if tuple(x.shape[-2:]) == size:
+                x = self.merge[str(i)](torch.cat([x, skip], dim=1))
+            elif self.fused_upsample and size == (2 * x.shape[-2], 2 * x.shape[-1]):
+                x = self.merge[str(i)].upsampled(x, skip)
             else:
-                skip = feats[i - 1]
-                if x.shape[-2:] != skip.shape[-2:]:
-                    x = F.interpolate(x, size=skip.shape[-2:], mode="nearest")
-                x = torch.cat([x, skip], dim=1)
-            x = self.merge[str(i)](x)
+                x = F.interpolate(x, size=size, mode="nearest")
+                x = self.merge[str(i)](x if skip is None else torch.cat([x, skip], dim=1))
             if i != defer_side and str(i) in self.side:
                 out[i] = self.side[str(i)](x)
         return x, out

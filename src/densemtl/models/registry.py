@@ -48,13 +48,15 @@ def build_model(config: Mapping[str, Any], pretrained: bool | None = None) -> Mu
 
 
 def read_model_config(path: str | Path) -> dict[str, Any]:
-    """The ``model`` section (tasks + network) of a YAML config file."""
+    """The ``model`` section (tasks + network) of a YAML config file (plain or LightningCLI)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     with path.open() as f:
         cfg = yaml.safe_load(f) or {}
     section = cfg.get("model", cfg)
+    if isinstance(section, Mapping) and "init_args" in section:  # LightningCLI config
+        section = section["init_args"]
     if not isinstance(section, Mapping) or "network" not in section or "tasks" not in section:
         raise ValueError(f"{path}: expected a 'model' section with 'tasks' and 'network'")
     return {"tasks": section["tasks"], "network": section["network"]}

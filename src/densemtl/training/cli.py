@@ -95,8 +95,9 @@ class DenseCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def make_cli(args: list[str], run: bool = True) -> DenseCLI:
-    return DenseCLI(
+def make_cli(args: list[str], run: bool = True, cli_class: type[DenseCLI] = DenseCLI) -> DenseCLI:
+    """The densemtl LightningCLI (``run=False``: no subcommand in ``args``)."""
+    return cli_class(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ..losses import MultiTaskLoss
@@ -96,6 +97,7 @@ class MultiTaskModule(L.LightningModule):
         self.grid_samples = grid_samples
         self._epoch_losses: dict[str, list[Tensor]] = {}
         self._run_dir = Path(".")
+        self._warned_baselines = False
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
 
@@ -117,8 +119,19 @@ class MultiTaskModule(L.LightningModule):
         return self.net(image)
 
     def all_baselines(self) -> dict[str, float]:
-        """Config baselines, completed from ``baseline_runs`` (config values win)."""
-        merged = load_baselines(self.baseline_runs) if self.baseline_runs else {}
+        """Config baselines, completed from ``baseline_runs`` (config values win).
+
+        Run folders without results yet (single-task runs not trained) are skipped with a
+        warning, so a multi-task run can start before its baselines exist.
+        """
+        found = [r for r in self.baseline_runs
+                 if (Path(r) / "metrics.json").is_file() or Path(r).is_file()]
+        missing = sorted(set(self.baseline_runs) - set(found))
+        if missing and not self._warned_baselines:
+            rank_zero_warn(f"delta_m: no results yet in baseline run(s) {missing} "
+                           "(train and test the single-task configs first)")
+            self._warned_baselines = True
+        merged = load_baselines(found) if found else {}
         return {**_floats(merged), **_floats(self.baselines)}
 
     def _score(self, values: dict[str, float]) -> dict[str, float]:
