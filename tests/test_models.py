@@ -17,6 +17,7 @@ from densemtl.models.encoders import PretrainedWeightsError, build_encoder
 from densemtl.models.heads import PooledBatchNorm2d
 from densemtl.models.xtam import SpatialCrossTaskAttention, attend
 from densemtl.tasks import depth_to_inverse
+
 from model_utils import SLIM, TASKS_SD, TASKS_SDN, TASKS_SDNE, randomise_, scalar_loss, tiny
 
 # --- encoders --------------------------------------------------------------------------------
@@ -399,3 +400,52 @@ def test_registry_rejects_bad_configs(config, message):
     config["network"].setdefault("encoder", {"name": "resnet18", "pretrained": False})
     with pytest.raises(ValueError, match=message):
         build_model(config)
+
+
+@pytest.mark.parametrize("size", [(64, 96), (70, 90)])
+def test_fused_upsample_path_equals_reference_path(size):
+    """conv(up2(x)) at low resolution == upsampling then conv, outputs and gradients."""
+    torch.manual_seed(0)
+    fast = randomise_(tiny(decoder={"num_ch_dec": SLIM}))
+    ref = tiny(decoder={"num_ch_dec": SLIM, "fused_upsample": False})
+    ref.load_state_dict(fast.state_dict())
+    x = torch.rand(2, 3, *size)
+    torch.manual_seed(1)
+    out_fast = fast(x)
+    torch.manual_seed(1)
+    out_ref = ref(x)
+    for t in out_ref:
+        for s in out_ref[t]:
+            assert torch.allclose(out_fast[t][s], out_ref[t][s], atol=1e-5, rtol=1e-5)
+    scalar_loss(out_fast).backward()
+    scalar_loss(out_ref).backward()
+    ref_grads = dict(ref.named_parameters())
+    for name, p in fast.named_parameters():
+        assert torch.allclose(p.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("switches", [{}, {"sa": False}, {"cxtam": True, "split": True},
+                                      {"attention": "explicit", "fusion": "concat"}],
+                         ids=["paper", "sxtam_only", "cxtam_split", "explicit_concat"])
+def test_batched_pairs_equal_the_pair_loop(switches):
+    """Outputs, gradients and BatchNorm running statistics (train mode)."""
+    torch.manual_seed(0)
+    fast = randomise_(tiny(TASKS_SDNE, exchange={**switches, "batched": True}))
+    ref = tiny(TASKS_SDNE, exchange={**switches, "batched": False})
+    ref.load_state_dict(fast.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    torch.manual_seed(1)
+    out_fast = fast(x)
+    torch.manual_seed(1)
+    out_ref = ref(x)
+    for t in out_ref:
+        for s in out_ref[t]:
+            assert torch.allclose(out_fast[t][s], out_ref[t][s], atol=1e-5, rtol=1e-5)
+    scalar_loss(out_fast).backward()
+    scalar_loss(out_ref).backward()
+    ref_params, ref_buffers = dict(ref.named_parameters()), dict(ref.named_buffers())
+    for name, p in fast.named_parameters():
+        assert torch.allclose(p.grad, ref_params[name].grad, atol=1e-6, rtol=1e-4), name
+    for name, b in fast.named_buffers():
+        assert torch.allclose(b.float(), ref_buffers[name].float(), atol=1e-5), name
+    assert fast.exchange["1"].pairs["semseg"]["depth"].proj[1].num_batches_tracked == 1

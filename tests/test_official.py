@@ -100,6 +100,7 @@ def test_convert_cli_with_source_order_and_load_model(tmp_path, capsys):
     assert order == {"semseg": ["normals", "depth"], "depth": ["semseg", "normals"],
                      "normals": ["depth", "semseg"]}
     assert model.config["network"]["exchange"]["attention"] == "explicit"
+    assert model.config["network"]["decoder"]["fused_upsample"] is False
     assert torch.equal(model.state_dict()["exchange.1.post.semseg.0.weight"],
                        official["m.semseg.1.post.0.weight"])
     # a bad order names the target and the expected sources

@@ -195,3 +195,30 @@ def test_module_builds_optimiser_groups():
     assert id(module.criterion.log_vars) in {id(p) for p in groups["rest"]["params"]}
     n_all = len(list(module.net.parameters())) + 1
     assert len(groups["encoder"]["params"]) + len(groups["rest"]["params"]) == n_all
+
+
+def test_constant_predictor_fits_hand_computed_values():
+    from densemtl.metrics import MultiTaskMetrics
+    from densemtl.training.report import ConstantPredictor
+
+    tasks = {"semseg": 3, "depth": 1, "normals": 3, "edges": 2}
+    seg = torch.tensor([[[0, 2, 2], [2, 255, 1]]])
+    depth = torch.tensor([[[[1.0, 3.0, 0.0], [2.0, 0.0, 6.0]]]])  # mean of valid = 3
+    normals = torch.zeros(1, 3, 2, 3)
+    normals[:, 2] = -1.0
+    normals[0, 0, 0, 0], normals[0, 2, 0, 0] = 1.0, 0.0  # one normal along +x
+    edges = torch.tensor([[[[1.0, 0, 0], [0, 0, 1.0]]]])  # 2 of 6
+    batch = {"image": torch.zeros(1, 3, 2, 3), "semseg": seg, "depth": depth,
+             "normals": normals, "edges": edges, "has_depth": torch.tensor([True])}
+    const = ConstantPredictor(tasks).fit([batch, batch])
+    values = const.values()
+    assert values["semseg"] == 2 and values["depth"] == pytest.approx(3.0)
+    assert values["edges"] == pytest.approx(1 / 3)
+    n = np.array([1.0, 0.0, -5.0]) / np.linalg.norm([1.0, 0.0, -5.0])
+    np.testing.assert_allclose(values["normals"], n, atol=1e-6)
+    metrics = MultiTaskMetrics(tasks, {"edges": {"thresholds": 9}})
+    metrics.update(const.outputs(1, 2, 3, torch.device("cpu")), batch)
+    scores = metrics.compute()
+    assert scores["semseg/pixAcc"] == pytest.approx(3 / 5)  # class 2 is right on 3 of 5 pixels
+    expected_rmse = np.sqrt(np.mean((np.array([1.0, 3.0, 2.0, 6.0]) - 3.0) ** 2))
+    assert scores["depth/rmse"] == pytest.approx(expected_rmse, rel=1e-4)

@@ -26,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tasks import IGNORE_INDEX, TASKS, depth_to_inverse, get_task
+from .tasks import (
+    IGNORE_INDEX,
+    TASKS,
+    channel_sq_norm,
+    depth_to_inverse,
+    get_task,
+    unit_vectors,
+)
 
 __all__ = [
     "LOSSES",
@@ -90,23 +97,6 @@ def berhu(err: Tensor, c: Tensor) -> Tensor:
     """
     c = c.clamp_min(_EPS)
     return torch.where(err <= c, err, (err * err + c * c) / (2.0 * c))
-
-
-def channel_sq_norm(x: Tensor) -> Tensor:
-    """Squared L2 norm over dim 1 of a [B,C,H,W] tensor -> [B,H,W].
-
-    Written as a sum of channel planes: much faster on CPU than ``vector_norm(dim=1)``.
-    """
-    planes = x.unbind(1)
-    out = planes[0] * planes[0]
-    for plane in planes[1:]:
-        out = out + plane * plane
-    return out
-
-
-def unit_vectors(x: Tensor) -> Tensor:
-    """Normalise [B,C,H,W] over dim 1; zero vectors stay zero (finite gradients)."""
-    return x * torch.rsqrt(channel_sq_norm(x).clamp_min(_EPS * _EPS)).unsqueeze(1)
 
 
 def _as_4d(label: Tensor) -> Tensor:

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from .losses import channel_sq_norm, fp32_context, resize_to, sample_mask, unit_vectors
-from .tasks import IGNORE_INDEX, TASKS, get_task
+from .losses import fp32_context, resize_to, sample_mask
+from .tasks import IGNORE_INDEX, TASKS, channel_sq_norm, get_task, unit_vectors
 
 __all__ = [
     "FRACTION_METRICS",
@@ -518,7 +518,7 @@ class MultiTaskMetrics(nn.Module):
         scale: the output scale that is scored (0, the final prediction).
 
     ``update(outputs, batch)`` scores ``outputs[task][scale]`` against ``batch[label_key]``
-    with ``batch["has_<label_key>"]``; tasks whose label key is absent are skipped.
+    with ``batch["has_<label_key>"]``; tasks absent from the batch or the outputs are skipped.
     ``compute()`` returns ``{"<task>/<metric>": tensor}``; every task is computed (all ranks
     must take part in the reduction), and one that scored no pixel reports NaN.
     """
@@ -548,7 +548,7 @@ class MultiTaskMetrics(nn.Module):
                batch: Mapping[str, Tensor]) -> None:
         for task, metric in self.metrics.items():
             key = TASKS[task].label_key
-            if key not in batch:
+            if key not in batch or task not in outputs:
                 continue
             pred = outputs[task]
             pred = pred if isinstance(pred, Tensor) else pred[self.scale]

@@ -80,13 +80,14 @@ class DenseMTL(MultiTaskNet):
         exchange: ``stages`` (decoder levels after which an mTEB runs), ``attn_stride`` (the
             stride at which SxTAM attends, 8 as the paper), ``fusion``, ``source_order``
             ({target: [sources...]}) and the xTAM switches ``sa``, ``sxtam``, ``cxtam``,
-            ``alpha``, ``full_sa``, ``split``, ``attention`` ("sdpa" or "explicit").
+            ``alpha``, ``full_sa``, ``split``, ``attention`` ("sdpa" or "explicit"), and
+            ``batched`` (compute the task pairs together; ``false`` loops, as the official code).
     """
 
     default_exchange: ClassVar[dict[str, Any]] = {
         "stages": [1], "attn_stride": 8, "fusion": "add", "source_order": None,
         "sa": True, "sxtam": True, "cxtam": False, "alpha": True, "full_sa": False,
-        "split": False, "attention": "sdpa",
+        "split": False, "attention": "sdpa", "batched": True,
     }
 
     def __init__(

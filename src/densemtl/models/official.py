@@ -183,26 +183,29 @@ def convert_official(
     config: Mapping[str, Any],
     official: Mapping[str, Tensor],
     source_order: Mapping[str, Sequence[str]] | None = None,
-    attention: str | None = "explicit",
+    exact: bool = True,
 ) -> MultiTaskNet:
     """Build the model of ``config`` (tasks + network) and load an official state dict.
 
-    ``attention`` sets ``network.exchange.attention`` of a DenseMTL config: ``explicit``
-    reproduces the official numerics bit for bit; ``sdpa`` is faster and lighter and agrees to
-    about 1e-6 relative in fp32; ``None`` keeps the config's choice.
+    ``exact`` (default) selects the literal reference paths (explicit attention, upsampling
+    before the decoder convs), which reproduce the official fp32 outputs bit for bit;
+    ``exact=False`` keeps the config's fast paths (SDPA, fused upsampling), which agree up to
+    float rounding and are faster and lighter.
     """
     config = copy.deepcopy(dict(config))
     network = config["network"] = dict(config["network"])
     if network.get("arch") not in ("densemtl", "mtl"):
         raise ValueError(f"official checkpoints are DenseMTL models (arch 'densemtl', or 'mtl' "
                          f"without exchange); the config says '{network.get('arch')}'")
+    if exact:
+        network["decoder"] = {**(network.get("decoder") or {}), "fused_upsample": False}
     if network["arch"] == "densemtl":
         exchange = dict(network.get("exchange") or {})
         if source_order:
             exchange["source_order"] = {**(exchange.get("source_order") or {}),
                                         **{t: list(s) for t, s in source_order.items()}}
-        if attention is not None:
-            exchange["attention"] = attention
+        if exact:
+            exchange["attention"] = "explicit"
         network["exchange"] = exchange
     elif source_order:
         raise ValueError("--source-order needs an exchange block (arch 'densemtl')")
@@ -223,16 +226,16 @@ def main(argv: list[str], command: str = "convert-official") -> int:
         help="order of the sources in TARGET's fusion input, as in the process that trained "
              "the checkpoint (repeatable; default: the config's task order)")
     parser.add_argument(
-        "--attention", choices=("explicit", "sdpa", "config"), default="explicit",
-        help="SxTAM implementation stored in the converted model: 'explicit' (default) gives "
-             "the official fp32 numbers bit for bit, 'sdpa' is faster and lighter (agrees to "
-             "~1e-6 relative), 'config' keeps the config's setting")
+        "--fast", action="store_true",
+        help="keep the config's fast paths (SDPA attention, fused decoder upsampling): faster "
+             "and lighter, outputs agree with the official ones up to float rounding. Default: "
+             "the reference paths, which give the official fp32 outputs bit for bit")
     args = parser.parse_args(argv)
     try:
         model = convert_official(read_model_config(args.config),
                                  _read_official(Path(args.official)),
                                  parse_source_order(args.source_order),
-                                 None if args.attention == "config" else args.attention)
+                                 exact=not args.fast)
     except (ValueError, FileNotFoundError) as exc:
         print(f"densemtl {command}: {exc}")
         return 1

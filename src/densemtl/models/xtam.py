@@ -169,6 +169,33 @@ class XTAM(nn.Module):
         return self.proj(torch.cat(parts, dim=1))
 
 
+def fused_conv_bn_relu(x: Tensor, blocks: Sequence[nn.Sequential]) -> Tensor:
+    """Several conv + BN + ReLU blocks on the same input, as one convolution.
+
+    The blocks' weights are concatenated along the output channels; batch normalisation is per
+    channel, so normalising the concatenation is the same as normalising each block. In training
+    mode each block's running statistics are updated exactly as its own BatchNorm would.
+    """
+    convs = [b[0] for b in blocks]
+    bns: list[nn.BatchNorm2d] = [b[1] for b in blocks]
+    y = F.conv2d(x, torch.cat([c.weight for c in convs]), None, convs[0].stride,
+                 convs[0].padding, convs[0].dilation)
+    bn = bns[0]
+    mean = torch.cat([b.running_mean for b in bns]) if bn.track_running_stats else None
+    var = torch.cat([b.running_var for b in bns]) if bn.track_running_stats else None
+    training = bn.training or not bn.track_running_stats
+    y = F.batch_norm(y, mean, var, torch.cat([b.weight for b in bns]),
+                     torch.cat([b.bias for b in bns]), training, bn.momentum or 0.0, bn.eps)
+    if bn.training and bn.track_running_stats:
+        with torch.no_grad():
+            sizes = [b.num_features for b in bns]
+            for b, m, v in zip(bns, mean.split(sizes), var.split(sizes)):
+                b.running_mean.copy_(m)
+                b.running_var.copy_(v)
+                b.num_batches_tracked.add_(1)
+    return F.relu(y)
+
+
 def resolve_source_order(
     tasks: Sequence[str], overrides: Mapping[str, Sequence[str]] | None = None
 ) -> dict[str, list[str]]:
@@ -190,6 +217,12 @@ class ExchangeBlock(nn.Module):
 
     ``fusion``: ``add`` f_t + post(F_t) (the paper), ``prod`` f_t * post(F_t), ``concat``
     post([f_t, F_t]); F_t concatenates the directional features in ``source_order``.
+
+    ``batched`` (default) computes the pairs together: one extractor convolution per source
+    (all its targets' extractors concatenated), one query convolution per target, one
+    key+value and one gate+feature convolution per pair, and the attention of every pair in a
+    single ``scaled_dot_product_attention`` call. Same parameters and outputs as the loop over
+    pairs (``batched=False``, the reference), up to float rounding.
     """
 
     def __init__(
@@ -199,9 +232,11 @@ class ExchangeBlock(nn.Module):
         downsample: int,
         fusion: str = "add",
         source_order: Mapping[str, Sequence[str]] | None = None,
+        batched: bool = True,
         **xtam: bool | str,
     ) -> None:
         super().__init__()
+        self.batched = batched
         if len(tasks) < 2:
             raise ValueError("an exchange block needs at least two tasks")
         if fusion not in FUSIONS:
@@ -216,9 +251,18 @@ class ExchangeBlock(nn.Module):
         self.post = nn.ModuleDict({t: conv_bn_relu(post_in, channels) for t in tasks})
 
     def forward(self, feats: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if self.batched:
+            directional = self._directional_batched(feats)
+        else:
+            directional = {(t, s): self.pairs[t][s](feats[t], feats[s])
+                           for t, sources in self.order.items() for s in sources}
+        return self._fuse(feats, directional)
+
+    def _fuse(self, feats: Mapping[str, Tensor],
+              directional_by_pair: Mapping[tuple[str, str], Tensor]) -> dict[str, Tensor]:
         out = {}
         for t, sources in self.order.items():
-            directional = [self.pairs[t][s](feats[t], feats[s]) for s in sources]
+            directional = [directional_by_pair[t, s] for s in sources]
             if self.fusion == "concat":
                 out[t] = self.post[t](torch.cat([feats[t], *directional], dim=1))
             elif self.fusion == "prod":
@@ -226,3 +270,66 @@ class ExchangeBlock(nn.Module):
             else:
                 out[t] = feats[t] + self.post[t](torch.cat(directional, dim=1))
         return out
+
+    def _directional_batched(self, feats: Mapping[str, Tensor]) -> dict[tuple[str, str], Tensor]:
+        """f_{s->t} for every pair, with the pairs' convolutions and attention batched."""
+        pairs = [(t, s) for t, sources in self.order.items() for s in sources]
+        # Extractors: one convolution per source for all its targets.
+        f_dir: dict[tuple[str, str], Tensor] = {}
+        for s in self.order:
+            targets = [t for t, src in pairs if src == s]
+            convs = [self.pairs[t][s].extract[0] for t in targets]
+            y = F.relu(F.conv2d(feats[s], torch.cat([c.weight for c in convs]),
+                                torch.cat([c.bias for c in convs]), padding=1))
+            f_dir.update(zip(((t, s) for t in targets), y.split(convs[0].out_channels, 1)))
+        parts: dict[tuple[str, str], list[Tensor]] = {p: [] for p in pairs}
+        first = self.pairs[pairs[0][0]][pairs[0][1]]
+        if first.sa is not None:
+            for t, s in pairs:
+                sa = self.pairs[t][s].sa
+                both = F.conv2d(f_dir[t, s], torch.cat([sa.feat.weight, sa.gate.weight]),
+                                padding=1)
+                feat, gate = both.chunk(2, dim=1)
+                parts[t, s].append(feat * torch.sigmoid(gate))
+        if first.sxtam is not None:
+            for pair, y in self._sxtam_batched(feats, f_dir, pairs).items():
+                parts[pair].append(y)
+        if first.cxtam is not None:
+            for t, s in pairs:
+                parts[t, s].append(self.pairs[t][s].cxtam(feats[t], f_dir[t, s]))
+        return {(t, s): self.pairs[t][s].proj(torch.cat(parts[t, s], dim=1)) for t, s in pairs}
+
+    def _sxtam_batched(self, feats: Mapping[str, Tensor], f_dir: Mapping[tuple[str, str], Tensor],
+                       pairs: list[tuple[str, str]]) -> dict[tuple[str, str], Tensor]:
+        first = self.pairs[pairs[0][0]][pairs[0][1]].sxtam
+        ds, width = first.downsample, first.value[0].out_channels
+        queries: dict[tuple[str, str], Tensor] = {}
+        for t in self.order:  # one query convolution per target
+            sources = [s for tt, s in pairs if tt == t]
+            x = feats[t][..., ::ds, ::ds] if ds > 1 else feats[t]
+            q = fused_conv_bn_relu(x, [self.pairs[t][s].sxtam.query for s in sources])
+            queries.update(zip(((t, s) for s in sources), q.split(width, 1)))
+        keys, values = [], []
+        for t, s in pairs:  # key and value of a pair share their input
+            sx = self.pairs[t][s].sxtam
+            y = F.max_pool2d(f_dir[t, s], ds, ds, ceil_mode=True) if ds > 1 else f_dir[t, s]
+            k, v = fused_conv_bn_relu(y, [sx.key, sx.value]).split(width, 1)
+            keys.append(k)
+            values.append(v)
+        q = torch.stack([queries[p] for p in pairs], 1)  # [B, P, C, hq, wq]
+        k, v = torch.stack(keys, 1), torch.stack(values, 1)
+        b, n_pairs, c, hq, wq = q.shape
+        if first.attention == "sdpa":
+            out = F.scaled_dot_product_attention(q.flatten(3).transpose(2, 3),
+                                                 k.flatten(3).transpose(2, 3),
+                                                 v.flatten(3).transpose(2, 3))
+        else:
+            logits = q.flatten(3).transpose(2, 3) @ k.flatten(3) / math.sqrt(c)
+            out = torch.softmax(logits, dim=-1) @ v.flatten(3).transpose(2, 3)
+        out = out.transpose(2, 3).reshape(b, n_pairs * c, hq, wq)
+        h, w = feats[pairs[0][0]].shape[-2:]
+        if ds > 1:
+            out = F.interpolate(out, scale_factor=ds, mode="nearest")[..., :h, :w]
+        if first.alpha is not None:
+            out = out * torch.cat([self.pairs[t][s].sxtam.alpha for t, s in pairs], dim=1)
+        return dict(zip(pairs, out.split(c, 1)))

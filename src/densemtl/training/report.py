@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..metrics import higher_is_better
-from ..tasks import IGNORE_INDEX, TASKS, depth_to_inverse
+from ..tasks import TASKS
 
 if TYPE_CHECKING:
     from .module import MultiTaskModule
@@ -22,79 +22,37 @@ if TYPE_CHECKING:
 class ConstantPredictor:
     """The best input-independent predictor, fitted on training labels.
 
-    semseg: the majority class; depth: the mean valid depth; normals: the normalised mean
-    normal; edges: the edge-pixel frequency as a constant probability. Its scores show what a
-    model must beat before it has learnt anything from the image.
+    Per task (see ``Task.constant``): the majority class, the mean valid depth, the normalised
+    mean normal, the edge frequency as a constant probability. Its scores show what a model must
+    beat before it has learnt anything from the image.
     """
 
     def __init__(self, tasks: Mapping[str, int]) -> None:
         self.tasks = dict(tasks)
-        self.class_counts = torch.zeros(self.tasks.get("semseg", 1), dtype=torch.float64)
-        self.depth = torch.zeros(2, dtype=torch.float64)  # sum, count
-        self.normal = torch.zeros(3, dtype=torch.float64)
-        self.edges = torch.zeros(2, dtype=torch.float64)  # sum, count
+        self.stats: dict[str, Tensor] = {}
         self.samples = 0
 
     def fit(self, batches: Iterable[Mapping[str, Any]]) -> ConstantPredictor:
         for batch in batches:
             self.samples += int(batch["image"].shape[0])
-            for task in self.tasks:
+            for task, channels in self.tasks.items():
                 key = TASKS[task].label_key
                 if key not in batch:
                     continue
                 has = batch.get(f"has_{key}")
-                label = batch[key] if has is None else batch[key][has]
-                self._add(task, label.detach().cpu())
+                label = (batch[key] if has is None else batch[key][has]).detach().cpu()
+                stats = TASKS[task].label_stats(label, channels)
+                self.stats[task] = self.stats[task] + stats if task in self.stats else stats
         return self
 
-    def _add(self, task: str, label: Tensor) -> None:
-        if task == "semseg":
-            valid = label[(label != IGNORE_INDEX) & (label >= 0) & (label < len(self.class_counts))]
-            self.class_counts += torch.bincount(valid.long().flatten(),
-                                                minlength=len(self.class_counts)).double()
-        elif task == "depth":
-            valid = label[(label > 0) & torch.isfinite(label)].double()
-            self.depth += torch.stack([valid.sum(), torch.tensor(float(valid.numel()))])
-        elif task == "normals":
-            self.normal += label.double().sum(dim=(0, 2, 3))
-        elif task == "edges":
-            self.edges += torch.tensor([float(label.double().sum()), float(label.numel())])
-
-    def values(self) -> dict[str, float | int | list[float]]:
-        out: dict[str, Any] = {}
-        if "semseg" in self.tasks:
-            out["semseg"] = int(self.class_counts.argmax())
-        if "depth" in self.tasks:
-            out["depth"] = float(self.depth[0] / self.depth[1]) if self.depth[1] else 1.0
-        if "normals" in self.tasks:
-            n = self.normal if self.normal.norm() > 0 else torch.tensor([0.0, 0.0, -1.0])
-            out["normals"] = (n / n.norm()).tolist()
-        if "edges" in self.tasks:
-            out["edges"] = float(self.edges[0] / self.edges[1]) if self.edges[1] else 0.0
-        return out
+    def values(self) -> dict[str, Any]:
+        return {t: TASKS[t].constant(s) for t, s in self.stats.items()}
 
     def outputs(self, batch: int, height: int, width: int,
                 device: torch.device) -> dict[str, dict[int, Tensor]]:
         """Raw head outputs (the model's parametrisation) of the constant prediction."""
-        v = self.values()
-        out: dict[str, dict[int, Tensor]] = {}
-        for task, channels in self.tasks.items():
-            raw = torch.zeros(batch, channels, height, width, device=device)
-            if task == "semseg":
-                raw[:, v["semseg"]] = 1.0
-            elif task == "depth":
-                raw += float(depth_to_inverse(torch.tensor(v["depth"])))
-            elif task == "normals":
-                raw += torch.tensor(v["normals"], device=device).view(1, 3, 1, 1)
-            elif task == "edges":
-                p = min(max(v["edges"], 1e-6), 1 - 1e-6)
-                logit = math.log(p / (1 - p))
-                if channels == 1:
-                    raw += logit
-                else:
-                    raw[:, 1] = logit
-            out[task] = {0: raw}
-        return out
+        return {t: {0: TASKS[t].constant_raw(s, self.tasks[t], (batch, height, width))
+                    .to(device)} for t, s in self.stats.items()}
 
 
 def _write_text(path: Path, text: str) -> None:

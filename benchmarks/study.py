@@ -1,0 +1,266 @@
+"""Built-in benchmark study: STL vs MTL vs PAD-Net+ vs DenseMTL and its ablations.
+
+Every run gets the same budget (data, steps, batch, backbone, optimiser, schedule); only the
+method differs. Runs are resumable: a run whose ``metrics.json`` exists is skipped. At the end a
+table (mean +- std over seeds), ``results.json`` and a delta_m bar chart are written.
+
+    python benchmarks/study.py --quick               # smoke version (< 10 minutes on 2 cores)
+    python benchmarks/study.py --out runs/study      # the full grid (see docs/results-synthetic.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASKS_ALL = ["semseg", "depth", "normals", "edges"]
+WEIGHTS = {"semseg": 100, "depth": 1, "normals": 100, "edges": 50}
+MAIN = {"semseg": ("mIoU", True), "depth": ("rmse", False), "normals": ("mean", False),
+        "edges": ("odsF", True)}
+SHORT = {"semseg": "S", "depth": "D", "normals": "N", "edges": "E"}
+
+# name -> (network options without encoder/decoder, description)
+METHODS: dict[str, tuple[dict[str, Any], str]] = {
+    "stl": ({"arch": "mtl"}, "single task, same encoder and padnet+ decoder"),
+    "mtl": ({"arch": "mtl"}, "hard sharing, padnet+ decoders, no exchange"),
+    "padnet_plus": ({"arch": "padnet_plus"}, "PAD-Net+ (SA distillation at H/4)"),
+    "densemtl_sa": ({"arch": "densemtl", "exchange": {"sa": True, "sxtam": False}},
+                    "DenseMTL, self-attention only"),
+    "densemtl_sxtam": ({"arch": "densemtl", "exchange": {"sa": False, "sxtam": True}},
+                       "DenseMTL, SxTAM only"),
+    "densemtl": ({"arch": "densemtl", "exchange": {"sa": True, "sxtam": True}},
+                 "DenseMTL, SA + SxTAM (the paper)"),
+}
+
+
+def grid(quick: bool) -> list[tuple[str, list[str]]]:
+    """(method, tasks) pairs of the study."""
+    runs = [("stl", [t]) for t in TASKS_ALL]
+    runs += [(m, TASKS_ALL) for m in ("mtl", "padnet_plus", "densemtl_sa", "densemtl_sxtam",
+                                      "densemtl")]
+    if not quick:
+        runs += [(m, ["semseg", "depth"]) for m in ("mtl", "padnet_plus", "densemtl")]
+    return runs
+
+
+def run_name(method: str, tasks: list[str]) -> str:
+    suffix = tasks[0] if method == "stl" else "".join(SHORT[t] for t in tasks).lower()
+    return f"{method}_{suffix}"
+
+
+def make_config(args: argparse.Namespace, method: str, tasks: list[str], seed: int,
+                run_dir: Path) -> dict[str, Any]:
+    network = json.loads(json.dumps(METHODS[method][0]))
+    network["encoder"] = {"name": args.backbone, "pretrained": False}
+    network["decoder"] = {"num_ch_dec": args.decoder}
+    spec = {t: {"channels": 10} if t == "semseg" else ({"channels": 2} if t == "edges" else {})
+            for t in tasks}
+    return {
+        "seed_everything": seed,
+        "trainer": {"default_root_dir": str(run_dir), "accelerator": "cpu", "devices": 1,
+                    "max_steps": args.steps, "val_check_interval": args.steps,
+                    "check_val_every_n_epoch": None, "log_every_n_steps": 25,
+                    "num_sanity_val_steps": 0, "gradient_clip_val": 10.0,
+                    "enable_progress_bar": False, "enable_model_summary": False},
+        "model": {"class_path": "densemtl.training.MultiTaskModule", "init_args": {
+            "tasks": spec, "network": network,
+            "loss": {"weights": {t: (1 if method == "stl" else WEIGHTS[t]) for t in tasks},
+                     "scales": [0, 1]},
+            "metrics": {k: v for k, v in {
+                "depth": {"max_depth": 20.0},
+                "edges": {"tolerance": 1.0, "tolerance_unit": "pixels"}}.items() if k in tasks},
+            "optimizer": {"name": "adam", "lr": args.lr, "backbone_lr": args.lr,
+                          "betas": [0.9, 0.98]},
+            "scheduler": {"name": "poly", "power": 0.9},
+            "grid_samples": 0, "constant_fit_batches": 0}},
+        "data": {"class_path": "densemtl.data.DenseDataModule", "init_args": {
+            "dataset": "synthetic", "root": str(args.data), "height": args.height,
+            "width": args.width, "batch_size": args.batch, "num_workers": 1, "hflip": 0.5,
+            "seed": seed}},
+    }
+
+
+def ensure_data(args: argparse.Namespace) -> None:
+    if (Path(args.data) / "meta.json").is_file():
+        return
+    cmd = [sys.executable, "-m", "densemtl", "synth", "--out", str(args.data), "--train",
+           str(args.train), "--val", str(args.val), "--height", str(args.height), "--width",
+           str(args.width), "--seed", "0", "--quiet"]
+    subprocess.run(cmd, check=True)
+
+
+def run_one(args: argparse.Namespace, method: str, tasks: list[str], seed: int) -> Path:
+    run_dir = Path(args.out) / run_name(method, tasks) / f"seed{seed}"
+    if (run_dir / "metrics.json").is_file() and (run_dir / "run_info.json").is_file():
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = run_dir / "study_config.yaml"
+    config.write_text(yaml.safe_dump(make_config(args, method, tasks, seed, run_dir),
+                                     sort_keys=False))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    start = time.time()
+    for sub in (["fit"], ["test", "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]):
+        log = (run_dir / f"{sub[0]}.log").open("w")
+        proc = subprocess.run([sys.executable, "-m", "densemtl", sub[0], "--config", str(config),
+                               *sub[1:]], stdout=log, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode:
+            raise RuntimeError(f"{run_dir}: '{sub[0]}' failed, see {run_dir / (sub[0] + '.log')}")
+        if sub[0] == "fit":
+            train_s = time.time() - start
+    params = sum_parameters(config)
+    (run_dir / "run_info.json").write_text(json.dumps(
+        {"method": method, "tasks": tasks, "seed": seed, "train_seconds": train_s,
+         "parameters": params}, indent=2))
+    return run_dir
+
+
+def sum_parameters(config: Path) -> int:
+    from densemtl.models import build_model, read_model_config
+
+    model = build_model(read_model_config(config), pretrained=False)
+    return sum(p.numel() for p in model.parameters())
+
+
+def summarise(args: argparse.Namespace, runs: list[tuple[str, list[str]]]) -> dict[str, Any]:
+    """Mean / std per method; delta_m of each seed against the mean STL results."""
+    results: dict[str, Any] = {}
+    for method, tasks in runs:
+        name = run_name(method, tasks)
+        seeds = []
+        for seed in range(args.seeds):
+            d = Path(args.out) / name / f"seed{seed}"
+            if not (d / "metrics.json").is_file():
+                continue
+            metrics = json.loads((d / "metrics.json").read_text())["metrics"]
+            info = json.loads((d / "run_info.json").read_text())
+            seeds.append({"metrics": metrics, **info})
+        if seeds:
+            results[name] = {"method": method, "tasks": tasks, "seeds": seeds}
+    stl = {t: statistics.mean(s["metrics"][f"{t}/{MAIN[t][0]}"]
+                              for s in results[f"stl_{t}"]["seeds"])
+           for t in TASKS_ALL if f"stl_{t}" in results}
+    for entry in results.values():
+        if entry["method"] == "stl":
+            continue
+        for s in entry["seeds"]:
+            terms = []
+            for t in entry["tasks"]:
+                if t not in stl:
+                    continue
+                metric, higher = MAIN[t]
+                value = s["metrics"][f"{t}/{metric}"]
+                sign = 1 if higher else -1
+                terms.append(sign * (value - stl[t]) / stl[t])
+            s["delta_m"] = 100 * sum(terms) / len(terms) if terms else math.nan
+    return {"stl_reference": stl, "runs": results}
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    m = statistics.mean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{m:.3f} ± {sd:.3f}" if abs(m) < 10 else f"{m:.2f} ± {sd:.2f}"
+
+
+def table(summary: dict[str, Any]) -> str:
+    head = ["run", "seeds"] + [f"{t} {MAIN[t][0]}" for t in TASKS_ALL] + \
+        ["delta_m (%)", "parameters", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, entry in summary["runs"].items():
+        seeds = entry["seeds"]
+        row = [name, str(len(seeds))]
+        for t in TASKS_ALL:
+            key = f"{t}/{MAIN[t][0]}"
+            row.append(mean_std([s["metrics"][key] for s in seeds if key in s["metrics"]])
+                       if t in entry["tasks"] else "")
+        row.append(mean_std([s["delta_m"] for s in seeds]) if "delta_m" in seeds[0] else "0")
+        row.append(f"{seeds[0]['parameters']:,}")
+        row.append(f"{statistics.mean(s['train_seconds'] for s in seeds):.0f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def chart(summary: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names, means, stds = [], [], []
+    for name, entry in summary["runs"].items():
+        if entry["method"] == "stl":
+            continue
+        values = [s["delta_m"] for s in entry["seeds"]]
+        names.append(name)
+        means.append(statistics.mean(values))
+        stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar(range(len(names)), means, yerr=stds, capsize=4,
+           color=["#4a7ab8" if "densemtl" in n else "#999999" for n in names])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=25, ha="right")
+    ax.set_ylabel("delta_m vs STL (%)")
+    ax.set_title("Built-in benchmark: delta_m (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None, help="study folder (default runs/study[_quick])")
+    p.add_argument("--data", default=None, help="data folder (generated if missing)")
+    p.add_argument("--quick", action="store_true", help="smoke version: 1 seed, tiny budget")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=80)
+    p.add_argument("--train", type=int, default=800)
+    p.add_argument("--val", type=int, default=100)
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--decoder", type=int, nargs=5, default=[16, 32, 32, 64, 64])
+    p.add_argument("--lr", type=float, default=1e-3)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.steps, args.train, args.val = 1, 15, 64, 16
+        args.height, args.width = 48, 64
+    args.out = args.out or ("runs/study_quick" if args.quick else "runs/study")
+    args.data = args.data or f"data/study_{args.height}x{args.width}_{args.train}"
+    ensure_data(args)
+    runs = grid(args.quick)
+    start = time.time()
+    for seed in range(args.seeds):
+        for method, tasks in runs:
+            t0 = time.time()
+            run_dir = run_one(args, method, tasks, seed)
+            print(f"[{time.time() - start:7.0f}s] {run_dir} ({time.time() - t0:.0f}s)",
+                  flush=True)
+    summary = summarise(args, runs)
+    out = Path(args.out)
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    text = table(summary)
+    (out / "results.md").write_text(text + "\n")
+    drawn = chart(summary, out / "delta_m.png")
+    print(text)
+    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}"
+          + (f", {out / 'delta_m.png'}" if drawn else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
