@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,8 @@ def run_one(args: argparse.Namespace, method: str, tasks: list[str], seed: int) 
     config.write_text(yaml.safe_dump(make_config(args, method, tasks, seed, run_dir),
                                      sort_keys=False))
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if args.jobs > 1:  # parallel runs: split the cores between them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
     start = time.time()
     for sub in (["fit"], ["test", "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]):
         log = (run_dir / f"{sub[0]}.log").open("w")
@@ -120,6 +123,7 @@ def run_one(args: argparse.Namespace, method: str, tasks: list[str], seed: int) 
     params = sum_parameters(config)
     (run_dir / "run_info.json").write_text(json.dumps(
         {"method": method, "tasks": tasks, "seed": seed, "train_seconds": train_s,
+         "threads": env.get("OMP_NUM_THREADS", "default"), "jobs": args.jobs,
          "parameters": params}, indent=2))
     return run_dir
 
@@ -235,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--decoder", type=int, nargs=5, default=[16, 32, 32, 64, 64])
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time (each gets cores/jobs threads); the results do not "
+                        "depend on it, the train-time column does")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.train, args.val = 1, 15, 64, 16
@@ -244,12 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     ensure_data(args)
     runs = grid(args.quick)
     start = time.time()
-    for seed in range(args.seeds):
-        for method, tasks in runs:
-            t0 = time.time()
-            run_dir = run_one(args, method, tasks, seed)
-            print(f"[{time.time() - start:7.0f}s] {run_dir} ({time.time() - t0:.0f}s)",
-                  flush=True)
+
+    def one(job: tuple[str, list[str], int]) -> None:
+        t0 = time.time()
+        run_dir = run_one(args, *job)
+        print(f"[{time.time() - start:7.0f}s] {run_dir} ({time.time() - t0:.0f}s)", flush=True)
+
+    jobs = [(method, tasks, seed) for seed in range(args.seeds) for method, tasks in runs]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        list(pool.map(one, jobs))
     summary = summarise(args, runs)
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps(summary, indent=2))

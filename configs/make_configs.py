@@ -140,7 +140,9 @@ def synthetic_configs() -> dict[Path, dict[str, Any]]:
                  "val_check_interval": 140, "check_val_every_n_epoch": None,
                  "log_every_n_steps": 20, "num_sanity_val_steps": 0,
                  "gradient_clip_val": 10.0},
-        data={"batch_size": 8, "num_workers": 1, "hflip": 0.5},
+        data={"batch_size": 8, "num_workers": 1, "hflip": 0.5,
+              # generated on first use when data/synthetic holds no benchmark (as make demo does)
+              "synthesize": {"train": 600, "val": 100, "height": 96, "width": 128, "seed": 0}},
         run_root="runs/synthetic", weights={},
         stl_optimizer={"name": "adam", "lr": 1e-3, "backbone_lr": 1e-3, "betas": [0.9, 0.98]},
         mtl_optimizer={"name": "adam", "lr": 1e-3, "backbone_lr": 1e-3, "betas": [0.9, 0.98]},

@@ -8,6 +8,7 @@ import torch
 
 from densemtl.data.cityscapes import MEAN_K, CityscapesDataset
 from densemtl.data.io import DataError
+
 from test_data_helpers import grey_png, rgb_image, write_json
 
 H, W = 8, 16

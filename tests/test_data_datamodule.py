@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from densemtl.data.datamodule import AdaptationDataModule, DenseDataModule
 from densemtl.data.registry import DATASETS, build_dataset
 from densemtl.data.synthetic import generate
+
 from test_data_helpers import rgb_image
 
 TASKS = ["semseg", "depth", "normals", "edges"]
@@ -158,3 +161,55 @@ def test_adaptation_class_count_mismatch(synth, tmp_path):
     )
     with pytest.raises(ValueError, match="class counts differ"):
         dm.setup("fit")
+
+
+def test_synthesize_generates_once_and_guards_folders(tmp_path):
+    spec = {"train": 4, "val": 2, "height": 24, "width": 32, "seed": 3, "workers": 1}
+    root = tmp_path / "bench"
+    dm = DenseDataModule("synthetic", str(root), TASKS, 24, 32, batch_size=2, num_workers=0,
+                         synthesize=spec)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.dataset("train")) == 4 and len(dm.dataset("val")) == 2
+    # byte-identical to the command-line generator with the same arguments
+    generate(tmp_path / "ref", 4, 2, 24, 32, seed=3, workers=1, progress=False)
+    for name in ("images/train_000001.png", "depth/train_000001.npy"):
+        ours, ref = root / name, tmp_path / "ref" / name
+        assert ours.read_bytes() == ref.read_bytes()
+    # a second call keeps the data; other settings only warn
+    stamp = (root / "meta.json").stat().st_mtime_ns
+    dm.prepare_data()
+    assert (root / "meta.json").stat().st_mtime_ns == stamp
+    other = DenseDataModule("synthetic", str(root), TASKS, 24, 32, num_workers=0,
+                            synthesize={**spec, "train": 8})
+    with pytest.warns(UserWarning, match=r"'train': \(4, 8\)"):
+        other.prepare_data()
+    # a folder with foreign files is refused, by name
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    dm = DenseDataModule("synthetic", str(foreign), TASKS, 24, 32, synthesize=spec)
+    with pytest.raises(FileExistsError, match=r"notes\.txt"):
+        dm.prepare_data()
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="only applies to the 'synthetic' dataset"):
+        DenseDataModule("nyudv2", str(root), TASKS, 24, 32, synthesize=spec)
+    with pytest.raises(ValueError, match="unknown option"):
+        DenseDataModule("synthetic", str(tmp_path / "x"), TASKS, 24, 32,
+                        synthesize={**spec, "colour": 1}).prepare_data()
+
+
+def test_adaptation_synthesizes_both_domains(tmp_path):
+    common = {"train": 4, "val": 2, "height": 24, "width": 32, "workers": 1}
+    dm = AdaptationDataModule(
+        "synthetic", str(tmp_path / "a"), "synthetic", str(tmp_path / "b"), ["semseg", "depth"],
+        24, 32, batch_size=2, num_workers=0,
+        source_synthesize={**common, "seed": 0, "style": "a"},
+        target_synthesize={**common, "seed": 1, "style": "b"})
+    dm.prepare_data()
+    metas = [json.loads((tmp_path / d / "meta.json").read_text()) for d in "ab"]
+    assert [(m["style"], m["seed"]) for m in metas] == [("a", 0), ("b", 1)]
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    batch = batch[0] if isinstance(batch, tuple) else batch
+    assert batch["source"]["image"].shape == (2, 3, 24, 32)

@@ -9,6 +9,7 @@ import pytest
 from densemtl.data.folder import ImageFolderDataset
 from densemtl.data.io import DataError
 from densemtl.data.transforms import Resize
+
 from test_data_helpers import rgb_image
 
 

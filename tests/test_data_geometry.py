@@ -17,6 +17,7 @@ from densemtl.data.geometry import (
     project,
 )
 from densemtl.data.transforms import crop, hflip, resize
+
 from test_data_helpers import angle_deg
 
 H, W = 24, 32

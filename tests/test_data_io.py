@@ -15,6 +15,7 @@ from densemtl.data.io import (
     save_npy,
     write_atomic,
 )
+
 from test_data_helpers import raw_png, rgb_image
 
 

@@ -8,6 +8,7 @@ import torch
 
 from densemtl.data.io import DataError
 from densemtl.data.nyud import NYUD_K, NYUDv2Dataset
+
 from test_data_helpers import grey_png, raw_png, rgb_image
 
 H, W = 6, 8

@@ -23,6 +23,7 @@ from densemtl.data.scene import (
     sample_scene,
 )
 from densemtl.data.synthetic import generate, main, render_sample
+
 from test_data_helpers import angle_deg
 
 TASKS = ["semseg", "depth", "normals", "edges"]

@@ -10,6 +10,7 @@ import pytest
 from densemtl.data.io import DataError
 from densemtl.data.splits import random_split, split_from_file
 from densemtl.data.synthia import SynthiaDataset
+
 from test_data_helpers import grey_png, raw_png, rgb_image
 
 H, W = 19, 32  # 760x1280 scaled by 1/40

@@ -7,6 +7,7 @@ import pytest
 
 from densemtl.data.io import DataError
 from densemtl.data.vkitti2 import VKITTI2Dataset
+
 from test_data_helpers import grey_png, raw_png, rgb_image
 
 H, W = 15, 50  # 375x1242 scaled by ~1/25

@@ -26,6 +26,7 @@ from .base import DenseDataset
 from .registry import build_dataset
 from .sample import collate
 from .sampling import EpochSampler
+from .synthetic import ensure_generated
 from .transforms import build_transforms
 
 
@@ -62,6 +63,14 @@ def _check_tasks(tasks: Sequence[str]) -> list[str]:
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks listed twice: {tasks}")
     return tasks
+
+
+def _check_synthesize(
+    option: str, dataset: str, spec: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    if spec is not None and dataset != "synthetic":
+        raise ValueError(f"{option} only applies to the 'synthetic' dataset, not {dataset!r}")
+    return None if spec is None else dict(spec)
 
 
 class _Common(L.LightningDataModule):
@@ -141,6 +150,9 @@ class DenseDataModule(_Common):
     ``crop_height x crop_width`` (default: back to ``height x width`` after jitter), flip with
     probability ``hflip``, colour jitter of strength ``color_jitter``. Evaluation: resize only.
     ``limit_train`` keeps the first N training samples (after the split), for quick runs.
+    ``synthesize`` (built-in benchmark only): arguments of
+    :func:`densemtl.data.synthetic.generate` (``train``, ``val``, ``height``, ``width``, ``seed``,
+    ``style``); ``root`` is generated with them in ``prepare_data`` when it holds no benchmark yet.
     """
 
     def __init__(
@@ -169,6 +181,7 @@ class DenseDataModule(_Common):
         seed: int = 0,
         validate: bool = False,
         dataset_options: dict[str, Any] | None = None,
+        synthesize: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -194,6 +207,12 @@ class DenseDataModule(_Common):
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.predict_root, self.limit_train = predict_root, limit_train
         self.dataset_options = dict(dataset_options or {})
+        self.synthesize = _check_synthesize("synthesize", dataset, synthesize)
+
+    def prepare_data(self) -> None:
+        """Generate the built-in benchmark into ``root`` if ``synthesize`` asks and it is absent."""
+        if self.synthesize is not None:
+            ensure_generated(self.root, self.synthesize)
 
     def dataset(self, stage: str) -> DenseDataset:
         """The (memoised) dataset for ``train``, ``val``, ``test`` or ``predict``."""
@@ -276,6 +295,7 @@ class AdaptationDataModule(_Common):
     target's ``val_split`` / ``test_split`` with labels. Source and target must have the same
     number of classes (choose the class sets, e.g. Synthia -> Cityscapes ``num_classes: 16``).
     The target may use its own size (``target_height`` / ``target_width``).
+    ``source_synthesize`` / ``target_synthesize``: as ``synthesize`` of :class:`DenseDataModule`.
     """
 
     def __init__(
@@ -310,6 +330,8 @@ class AdaptationDataModule(_Common):
         validate: bool = False,
         source_options: dict[str, Any] | None = None,
         target_options: dict[str, Any] | None = None,
+        source_synthesize: dict[str, Any] | None = None,
+        target_synthesize: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -341,6 +363,17 @@ class AdaptationDataModule(_Common):
         self.val_split, self.test_split, self.mode = val_split, test_split, mode
         self.source_options = dict(source_options or {})
         self.target_options = dict(target_options or {})
+        self.synthesize = {
+            "source": _check_synthesize("source_synthesize", source, source_synthesize),
+            "target": _check_synthesize("target_synthesize", target, target_synthesize),
+        }
+
+    def prepare_data(self) -> None:
+        """Generate built-in benchmark domains whose ``*_synthesize`` is set and that are absent."""
+        roots = {"source": self.source_root, "target": self.target_root}
+        for role, spec in self.synthesize.items():
+            if spec is not None:
+                ensure_generated(roots[role], spec)
 
     def dataset(self, role: str) -> DenseDataset:
         """``source`` (train, labelled), ``target`` (train, no labels), ``val`` or ``test``."""

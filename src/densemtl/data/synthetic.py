@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,45 @@ def generate(
             preview, [render_sample(seed, split, i, height, width, style) for i in range(count)]
         )
     return meta
+
+
+def ensure_generated(root: str | os.PathLike[str], spec: dict[str, Any]) -> bool:
+    """Generate the benchmark into ``root`` with ``generate(**spec)`` unless it is there already.
+
+    Used by the data modules' ``synthesize`` option so that a config on the built-in benchmark runs
+    on a fresh checkout. Returns whether it generated. An existing benchmark is kept as it is (a
+    warning names the settings that differ from ``spec``); a folder holding other files is refused.
+    """
+    allowed = {"train", "val", "height", "width", "seed", "style", "variant", "workers"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise ValueError(f"synthesize: unknown option(s) {sorted(unknown)}; use {sorted(allowed)}")
+    if not {"train", "val"} <= set(spec):
+        raise ValueError("synthesize: give at least 'train' and 'val' (sample counts)")
+    root = Path(root)
+    meta_path = root / META_FILE
+    if meta_path.is_file():
+        meta = read_json(meta_path)
+        meta = {**meta, **meta.get("splits", {})}
+        wanted = {k: v for k, v in spec.items() if k != "workers"}
+        differ = {k: (meta.get(k), v) for k, v in wanted.items()
+                  if k in meta and meta.get(k) != v}
+        if differ:
+            warnings.warn(
+                f"{root}: the benchmark there was generated with other settings "
+                f"(found, asked) {differ}; using it as it is (delete the folder to regenerate)",
+                stacklevel=2,
+            )
+        return False
+    if root.is_dir():
+        extra = sorted(p.name for p in root.iterdir() if p.name not in _OUTPUT_DIRS)
+        if extra:
+            raise FileExistsError(
+                f"synthesize: {root} has no {META_FILE} but holds other files {extra[:5]}; "
+                "choose an empty or missing folder"
+            )
+    generate(root, force=True, **spec)
+    return True
 
 
 def metadata(

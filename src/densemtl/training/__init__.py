@@ -1,5 +1,6 @@
 """Training: the LightningModule, optimisers and schedules, CLI, reports, prediction."""
 
 from .module import MultiTaskModule
+from .uda import AdaptationModule
 
-__all__ = ["MultiTaskModule"]
+__all__ = ["AdaptationModule", "MultiTaskModule"]
