@@ -34,7 +34,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "decoder": {"fused_upsample": True}, "exchange": {"attention": "sdpa", "batched": False}},
     "+ batched pairs (default)": {
         "decoder": {"fused_upsample": True}, "exchange": {"attention": "sdpa", "batched": True}},
-    "+ channels_last": {
+    "default + checkpointed exchange": {
+        "decoder": {"fused_upsample": True},
+        "exchange": {"attention": "sdpa", "batched": True, "checkpoint": True}},
+    "default + channels_last": {
         "decoder": {"fused_upsample": True}, "exchange": {"attention": "sdpa", "batched": True},
         "channels_last": True},
 }

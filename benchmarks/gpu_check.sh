@@ -32,6 +32,7 @@ bench fast_tf32_512      "${sdn[@]}" --height 512 --width 1024 --batch 2 --preci
 bench fast_bf16_512      "${sdn[@]}" --height 512 --width 1024 --batch 2 --precision bf16 --iters 10
 bench fast_bf16_cl_512   "${sdn[@]}" --height 512 --width 1024 --batch 2 --precision bf16 --channels-last --iters 10
 bench ref_bf16_512       "${sdn[@]}" --height 512 --width 1024 --batch 2 --precision bf16 --reference --iters 8
+bench ckpt_bf16_512      "${sdn[@]}" --height 512 --width 1024 --batch 2 --precision bf16 --checkpoint-exchange --iters 10
 bench fast_bf16_1024     "${sdn[@]}" --height 1024 --width 2048 --batch 2 --precision bf16 --iters 5 --warmup 2
 bench infer_fp32_512_b1  "${sdn[@]}" --height 512 --width 1024 --batch 1 --mode infer --iters 20
 bench infer_bf16_512_b1  "${sdn[@]}" --height 512 --width 1024 --batch 1 --mode infer --precision bf16 --channels-last --iters 20

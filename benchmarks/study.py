@@ -230,16 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="data folder (generated if missing)")
     p.add_argument("--quick", action="store_true", help="smoke version: 1 seed, tiny budget")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--height", type=int, default=64)
-    p.add_argument("--width", type=int, default=80)
+    p.add_argument("--height", type=int, default=48)
+    p.add_argument("--width", type=int, default=64)
     p.add_argument("--train", type=int, default=800)
     p.add_argument("--val", type=int, default=100)
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--decoder", type=int, nargs=5, default=[16, 32, 32, 64, 64])
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=int, default=2,
                    help="runs at a time (each gets cores/jobs threads); the results do not "
                         "depend on it, the train-time column does")
     args = p.parse_args(argv)

@@ -159,6 +159,62 @@ def test_model_sdpa_path_equals_explicit_path_with_gradients():
         assert torch.allclose(p.grad, ref_grads[name].grad, atol=1e-5), name
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_sdpa_training_keeps_no_attention_matrix(batched):
+    """The SDPA path must hit a fused kernel: nothing of size tokens x tokens is saved for
+    backward (a non-contiguous input silently selects the quadratic math kernel)."""
+    tokens = (128 // 4) ** 2  # attention at 1/attn_stride of the input
+
+    def square_shapes(impl: str) -> list[tuple[int, ...]]:
+        model = tiny(exchange={"attention": impl, "batched": batched, "attn_stride": 4}).train()
+        found = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() >= 2 and t.shape[-2:] == (tokens, tokens):
+                found.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.rand(2, 3, 128, 128))
+        return found
+
+    assert square_shapes("explicit"), "the reference path should materialise the matrix"
+    assert square_shapes("sdpa") == []
+
+
+def test_checkpointed_exchange_equals_plain_and_saves_less():
+    torch.manual_seed(0)
+    plain = randomise_(tiny(exchange={"attn_stride": 4})).train()
+    ckpt = tiny(exchange={"attn_stride": 4, "checkpoint": True}).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    saved = {}
+    for name, model in (("plain", plain), ("ckpt", ckpt)):
+        sizes = []
+
+        def pack(t: torch.Tensor, sizes=sizes) -> torch.Tensor:
+            sizes.append(t.numel())
+            return t
+
+        torch.manual_seed(1)  # same dropout masks
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+        saved[name] = (out, sum(sizes))
+        scalar_loss(out).backward()
+    (out_p, n_plain), (out_c, n_ckpt) = saved["plain"], saved["ckpt"]
+    for t in out_p:
+        for s in out_p[t]:
+            torch.testing.assert_close(out_c[t][s], out_p[t][s])
+    grads = dict(plain.named_parameters())
+    for name, p in ckpt.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    # running statistics updated once, as without recomputation
+    ref_buffers = dict(plain.named_buffers())
+    for name, b in ckpt.named_buffers():
+        assert torch.equal(b, ref_buffers[name]), name
+    assert n_ckpt < 0.9 * n_plain  # slim decoders: the exchange block is ~15% of the total
+
+
 def test_alpha_zero_makes_sxtam_exactly_zero():
     torch.manual_seed(0)
     sx = SpatialCrossTaskAttention(16, 4)

@@ -159,6 +159,19 @@ def test_resume_restores_step_optimiser_and_scheduler(tmp_path, data_root):
     assert steps[0] == 0 and steps[-1] >= 7  # the rows of the first part were kept
 
 
+def test_last_checkpoint_is_the_latest_state_even_when_not_the_best(tmp_path, data_root):
+    """'step' with mode min: the first validation stays the best forever, yet last.ckpt must
+    follow every validation and the final step (5, between validations)."""
+    config = write_config(tmp_path / "c.yaml", data_root, tmp_path / "r", max_steps=5,
+                          val_check_interval=2)
+    assert cli(["fit", "--config", str(config), "--checkpoint.monitor", "step",
+                "--checkpoint.mode", "min"]) == 0
+    ckpts = tmp_path / "r" / "checkpoints"
+    assert [p.name for p in ckpts.glob("best-*.ckpt")] == ["best-step0000002.ckpt"]
+    last = torch.load(ckpts / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 5
+
+
 def test_ddp_two_processes_give_the_single_process_metrics(trained, tmp_path):
     config, run = trained
     ckpt = str(run / "checkpoints" / "last.ckpt")

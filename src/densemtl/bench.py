@@ -54,6 +54,8 @@ def build_parser(prog: str = "densemtl bench") -> argparse.ArgumentParser:
                    help="upsample before the decoder convs (the reference path)")
     p.add_argument("--no-batched-pairs", action="store_true",
                    help="loop over the task pairs of the exchange block (the reference path)")
+    p.add_argument("--checkpoint-exchange", action="store_true",
+                   help="recompute the exchange block in backward (less memory, more compute)")
     p.add_argument("--reference", action="store_true",
                    help="all reference paths: explicit attention, no fused upsampling, "
                         "pair loop (what the official implementation computes)")
@@ -78,7 +80,8 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.arch == "densemtl":
         network["exchange"] = {
             "attention": "explicit" if args.reference else args.attention,
-            "batched": not (args.no_batched_pairs or args.reference)}
+            "batched": not (args.no_batched_pairs or args.reference),
+            "checkpoint": bool(args.checkpoint_exchange)}
     return {"tasks": spec, "network": network}
 
 
@@ -173,6 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "attention": cfg["network"].get("exchange", {}).get("attention"),
         "fused_upsample": cfg["network"]["decoder"]["fused_upsample"],
         "batched_pairs": cfg["network"].get("exchange", {}).get("batched"),
+        "checkpoint_exchange": cfg["network"].get("exchange", {}).get("checkpoint"),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     if args.mode in ("train", "both"):
@@ -237,7 +241,8 @@ def format_table(r: dict[str, Any]) -> str:
              f"{', channels_last' if r['channels_last'] else ''}"
              f"{', compiled' if r['compile'] else ''}"),
             ("paths", f"attention {r['attention']}, fused upsample {r['fused_upsample']}, "
-             f"batched pairs {r['batched_pairs']}")]
+             f"batched pairs {r['batched_pairs']}, checkpointed exchange "
+             f"{r['checkpoint_exchange']}")]
     if "phases_s" in r:
         rows += [("train s/iter (median)", f"{r['s_per_iter_median']:.4f}"),
                  ("train images/s", f"{r['img_per_s']:.2f}"),

@@ -81,13 +81,14 @@ class DenseMTL(MultiTaskNet):
             stride at which SxTAM attends, 8 as the paper), ``fusion``, ``source_order``
             ({target: [sources...]}) and the xTAM switches ``sa``, ``sxtam``, ``cxtam``,
             ``alpha``, ``full_sa``, ``split``, ``attention`` ("sdpa" or "explicit"), and
-            ``batched`` (compute the task pairs together; ``false`` loops, as the official code).
+            ``batched`` (compute the task pairs together; ``false`` loops, as the official code),
+            ``checkpoint`` (recompute the block in backward: much less training memory).
     """
 
     default_exchange: ClassVar[dict[str, Any]] = {
         "stages": [1], "attn_stride": 8, "fusion": "add", "source_order": None,
         "sa": True, "sxtam": True, "cxtam": False, "alpha": True, "full_sa": False,
-        "split": False, "attention": "sdpa", "batched": True,
+        "split": False, "attention": "sdpa", "batched": True, "checkpoint": False,
     }
 
     def __init__(

@@ -126,7 +126,11 @@ def upsample2_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
     output phases is a 2x2 convolution of the padded low-resolution map.
     """
     h, w = x.shape[-2:]
-    out = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), _phase_kernels(weight))
+    # replicate padding by concatenation: torch.compile (2.14) mis-strides replication_pad2d's
+    # backward on CPU; the values are the same
+    x = torch.cat([x[..., :1, :], x, x[..., -1:, :]], dim=-2)
+    x = torch.cat([x[..., :1], x, x[..., -1:]], dim=-1)
+    out = F.conv2d(x, _phase_kernels(weight))
     # phase (a, b) of output pixel (i, j) sits at (i + a, j + b) of the (h+1)x(w+1) result
     o = weight.shape[0]
     out = out.view(out.shape[0], o, 2, 2, h + 1, w + 1)

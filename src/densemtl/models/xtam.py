@@ -13,11 +13,13 @@ and per target: f~_t = f_t + CBR1x1(concat over sources of f_s->t)   (fusion "ad
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .heads import conv_bn_relu
@@ -34,9 +36,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, impl: str = "sdpa") -> Tensor:
     kernels); ``explicit`` materialises the attention matrix exactly as the official code.
     """
     b, c, hq, wq = q.shape
-    qf = q.flatten(2).transpose(1, 2)  # [B, Nq, C]
-    kf = k.flatten(2).transpose(1, 2)  # [B, Nk, C]
-    vf = v.flatten(2).transpose(1, 2)
+    # token-major and contiguous: the fused SDPA kernels (flash / memory-efficient, CPU and CUDA)
+    # need a unit stride on the channel dimension and silently fall back to the quadratic-memory
+    # math kernel otherwise
+    qf = q.flatten(2).transpose(1, 2).contiguous()  # [B, Nq, C]
+    kf = k.flatten(2).transpose(1, 2).contiguous()  # [B, Nk, C]
+    vf = v.flatten(2).transpose(1, 2).contiguous()
     if impl == "sdpa":
         out = F.scaled_dot_product_attention(qf.unsqueeze(1), kf.unsqueeze(1), vf.unsqueeze(1))
         out = out.squeeze(1)
@@ -212,6 +217,24 @@ def resolve_source_order(
     return order
 
 
+@contextlib.contextmanager
+def frozen_bn_statistics(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers of ``module`` normalise with batch statistics but leave their running
+    statistics and counters untouched (for the recomputation of a checkpointed forward)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
+
+
 class ExchangeBlock(nn.Module):
     """mTEB at one decoder stage: an xTAM per ordered pair, then per-target fusion.
 
@@ -223,6 +246,12 @@ class ExchangeBlock(nn.Module):
     key+value and one gate+feature convolution per pair, and the attention of every pair in a
     single ``scaled_dot_product_attention`` call. Same parameters and outputs as the loop over
     pairs (``batched=False``, the reference), up to float rounding.
+
+    ``checkpoint`` recomputes the block in the backward pass instead of keeping its activations
+    (the largest share of the model's training memory: extractor, gate, query/key/value and
+    projection maps of every pair), for about a third more exchange-block compute. BatchNorm
+    running statistics are updated once per step, as without it, so outputs and trained
+    weights are the same.
     """
 
     def __init__(
@@ -233,10 +262,11 @@ class ExchangeBlock(nn.Module):
         fusion: str = "add",
         source_order: Mapping[str, Sequence[str]] | None = None,
         batched: bool = True,
+        checkpoint: bool = False,
         **xtam: bool | str,
     ) -> None:
         super().__init__()
-        self.batched = batched
+        self.batched, self.checkpoint = batched, checkpoint
         if len(tasks) < 2:
             raise ValueError("an exchange block needs at least two tasks")
         if fusion not in FUSIONS:
@@ -251,6 +281,20 @@ class ExchangeBlock(nn.Module):
         self.post = nn.ModuleDict({t: conv_bn_relu(post_in, channels) for t in tasks})
 
     def forward(self, feats: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if self.checkpoint and torch.is_grad_enabled() and self.training:
+            names = list(feats)
+
+            def run(*tensors: Tensor) -> tuple[Tensor, ...]:
+                out = self._forward(dict(zip(names, tensors)))
+                return tuple(out[t] for t in names)
+
+            outs = torch.utils.checkpoint.checkpoint(
+                run, *(feats[t] for t in names), use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(), frozen_bn_statistics(self)))
+            return dict(zip(names, outs))
+        return self._forward(feats)
+
+    def _forward(self, feats: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if self.batched:
             directional = self._directional_batched(feats)
         else:
@@ -319,13 +363,13 @@ class ExchangeBlock(nn.Module):
         q = torch.stack([queries[p] for p in pairs], 1)  # [B, P, C, hq, wq]
         k, v = torch.stack(keys, 1), torch.stack(values, 1)
         b, n_pairs, c, hq, wq = q.shape
+        # [B, P, N, C], contiguous (see attend(): the fused kernels need it)
+        q, k, v = (x.flatten(3).transpose(2, 3).contiguous() for x in (q, k, v))
         if first.attention == "sdpa":
-            out = F.scaled_dot_product_attention(q.flatten(3).transpose(2, 3),
-                                                 k.flatten(3).transpose(2, 3),
-                                                 v.flatten(3).transpose(2, 3))
+            out = F.scaled_dot_product_attention(q, k, v)
         else:
-            logits = q.flatten(3).transpose(2, 3) @ k.flatten(3) / math.sqrt(c)
-            out = torch.softmax(logits, dim=-1) @ v.flatten(3).transpose(2, 3)
+            logits = q @ k.transpose(2, 3) / math.sqrt(c)
+            out = torch.softmax(logits, dim=-1) @ v
         out = out.transpose(2, 3).reshape(b, n_pairs * c, hq, wq)
         h, w = feats[pairs[0][0]].shape[-2:]
         if ds > 1:

@@ -23,6 +23,32 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
+
+
+class LastAndBestCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is always the latest state.
+
+    Lightning (2.6) refreshes ``last.ckpt`` at a validation only when the top-k checkpoint was
+    saved there too, i.e. only when the monitored metric improved, and not at all after the last
+    training step when no validation falls on it; ``--ckpt_path last`` would then resume from an
+    older step. Here ``last.ckpt`` is written after every validation and at the end of training.
+    """
+
+    def _save_last_if_stale(self, trainer: Trainer) -> None:
+        if (self.save_last and not trainer.fast_dev_run and not trainer.sanity_checking
+                and trainer.state.fn == TrainerFn.FITTING
+                and self._last_global_step_saved != trainer.global_step):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._last_global_step_saved = trainer.global_step
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._save_last_if_stale(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._save_last_if_stale(trainer)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -74,7 +100,7 @@ class DenseCLI(LightningCLI):
         # The tasks are declared once, in the model; the data module loads exactly those.
         parser.link_arguments("model.init_args.tasks", "data.init_args.tasks",
                               compute_fn=lambda tasks: list(tasks))
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LastAndBestCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/score",
             "checkpoint.mode": "max",

@@ -235,6 +235,10 @@ class AdaptationModule(MultiTaskModule):
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[Any]]:
         """``[network, discriminators]`` and their per-iteration schedules (stepped here)."""
+        if self.trainer.world_size > 1:
+            raise RuntimeError(
+                f"AdaptationModule trains on one device; this trainer has world_size "
+                f"{self.trainer.world_size} (set trainer.devices 1 / no DDP strategy)")
         total = self.trainer.estimated_stepping_batches
         opt_g = build_optimizer(self.net, self.criterion, self.optimizer_cfg)
         opt_d = self._build_disc_optimizer()
