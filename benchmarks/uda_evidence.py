@@ -14,6 +14,7 @@ Resumable (a finished run is skipped, an interrupted one resumes from ``last.ckp
 
     python benchmarks/uda_evidence.py --seeds 0 1 2 --arms source adapted bnonly
     python benchmarks/uda_evidence.py --table-only
+    python benchmarks/uda_evidence.py --gap --seeds 1 2   # source vs target val of last.ckpt
 """
 
 from __future__ import annotations
@@ -82,6 +83,37 @@ def table(out: Path, arms: list[str], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def gap(out: Path, arms: list[str], seeds: list[int]) -> str:
+    """Each run's ``last.ckpt`` on the source (style a) and the target (style b) val split."""
+    import lightning as L
+
+    from densemtl.data import DenseDataModule
+    from densemtl.training.uda import AdaptationModule
+
+    keys = ("semseg/mIoU", "depth/rmse", "normals/mean")
+    lines = ["| arm | seed | " + " | ".join(f"{k} a -> b" for k in keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+    for arm in arms:
+        for seed in seeds:
+            ckpt = run_dir(out, arm, seed) / "checkpoints" / "last.ckpt"
+            if not ckpt.is_file():
+                continue
+            module = AdaptationModule.load_from_checkpoint(ckpt, map_location="cpu")
+            module.grid_samples = 0
+            data = module.hparams.get("data") or {}
+            res = {}
+            for dom in ("a", "b"):
+                dm = DenseDataModule("synthetic", f"data/synthetic_{dom}", list(module.net.tasks),
+                                     data.get("height", 64), data.get("width", 80),
+                                     batch_size=25, num_workers=0)
+                trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                                    enable_model_summary=False, default_root_dir=str(out / "gap"))
+                res[dom] = trainer.validate(module, datamodule=dm, verbose=False)[0]
+            lines.append(f"| {arm} | {seed} | " + " | ".join(
+                f"{res['a'][f'val/{k}']:.3f} -> {res['b'][f'val/{k}']:.3f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/uda/evidence")
@@ -90,8 +122,14 @@ def main(argv: list[str] | None = None) -> int:
                    choices=sorted(CONFIGS))
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--gap", action="store_true",
+                   help="only evaluate each run's last.ckpt on the source and target val splits "
+                        "(64x80, data/synthetic_a and data/synthetic_b)")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.gap:
+        print(gap(out, args.arms, args.seeds))
+        return 0
     if not args.table_only:
         for seed in args.seeds:
             for arm in args.arms:

@@ -99,11 +99,16 @@ def test_test_writes_metrics_and_report(trained):
                 str(run / "checkpoints" / "last.ckpt")]) == 0
     result = json.loads((run / "metrics.json").read_text())
     assert np.isfinite(result["metrics"]["depth/rmse"])
+    assert result["step"] == 4  # the checkpoint's step, not the test trainer's 0
+    assert (run / "metrics" / "test-step0000004.json").is_file()
     const = result["constant_predictor"]
     assert 0 <= const["semseg/mIoU"] < 1 and const["depth/rmse"] > 0
     report = (run / "report.md").read_text()
     assert "| depth | rmse |" in report and "constant predictor" in report
     assert "delta_m" in report
+    from densemtl.data.scene import CLASS_NAMES
+
+    assert f"| 00 {CLASS_NAMES[0]} |" in report and "- step: 4" in report
 
 
 def test_predict_writes_pngs_and_arrays(trained, data_root, tmp_path, capsys):

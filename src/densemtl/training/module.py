@@ -162,6 +162,7 @@ class MultiTaskModule(L.LightningModule):
             checkpoint["densemtl_rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.checkpoint_step = int(checkpoint.get("global_step", 0))
         state = checkpoint.get("densemtl_rng") or {}
         if "torch" in state:
             torch.set_rng_state(state["torch"].cpu())
@@ -236,15 +237,24 @@ class MultiTaskModule(L.LightningModule):
             b, _, h, w = batch["image"].shape
             self.constant_metrics.update(self.constant.outputs(b, h, w, self.device), batch)
 
+    @property
+    def evaluated_step(self) -> int:
+        """The training step of the weights being evaluated: the trainer's while fitting, the
+        checkpoint's in ``validate`` / ``test`` (where Lightning's ``global_step`` stays 0)."""
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        ckpt_step = getattr(self, "checkpoint_step", None)
+        return int(self.global_step if fitting or ckpt_step is None else ckpt_step)
+
     def _finish(self, metrics: MultiTaskMetrics, stage: str) -> dict[str, float]:
         values = self._score(_floats(metrics.compute()))
         metrics.reset()
         loggable = {f"{stage}/{k}": v for k, v in values.items() if math.isfinite(v)}
         self.log_dict(loggable, sync_dist=False)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            payload = {"stage": stage, "step": int(self.global_step),
+            step = self.evaluated_step
+            payload = {"stage": stage, "step": step,
                        "epoch": int(self.current_epoch), "metrics": values}
-            name = f"{stage}-step{self.global_step:07d}.json"
+            name = f"{stage}-step{step:07d}.json"
             write_json(self.run_dir / "metrics" / name, payload)
             write_json(self.run_dir / "metrics" / f"{stage}-last.json", payload)
         return values

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,7 +73,7 @@ def _fmt(value: float | None) -> str:
 
 
 def render_report(values: Mapping[str, float], constant: Mapping[str, float] | None,
-                  info: Mapping[str, Any]) -> str:
+                  info: Mapping[str, Any], class_names: Sequence[str] | None = None) -> str:
     """Markdown: run information, per-task metric table, delta_m, trivial rows."""
     lines = ["# densemtl test report", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
@@ -102,7 +102,13 @@ def render_report(values: Mapping[str, float], constant: Mapping[str, float] | N
     if per_class:
         lines += ["", "Per-class IoU (semseg):", "",
                   "| class | IoU |", "|---|---|"]
-        lines += [f"| {c} | {_fmt(v)} |" for c, v in per_class.items()]
+        names = list(class_names or [])
+
+        def label(c: str) -> str:
+            i = int(c) if c.isdigit() else -1
+            return f"{c} {names[i]}" if 0 <= i < len(names) else c
+
+        lines += [f"| {label(c)} | {_fmt(v)} |" for c, v in per_class.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -115,7 +121,7 @@ def write_test_outputs(module: MultiTaskModule, values: Mapping[str, float]) -> 
     constant = dict(module.constant_scores or {})
     write_json(run / "metrics.json", {"metrics": dict(values),
                                       "constant_predictor": constant,
-                                      "step": int(module.global_step)})
+                                      "step": module.evaluated_step})
     trainer = module.trainer
     dm = trainer.datamodule
     info = {
@@ -127,6 +133,10 @@ def write_test_outputs(module: MultiTaskModule, values: Mapping[str, float]) -> 
         "data": f"{getattr(dm, 'dataset_name', type(dm).__name__)} "
                 f"({getattr(dm, 'splits', {}).get('test', 'test')} split)",
         "constant predictor": str(module.constant_values or "not fitted (no training data)"),
-        "step": int(module.global_step),
+        "step": module.evaluated_step,
     }
-    _write_text(run / "report.md", render_report(values, constant, info))
+    try:
+        names = list(dm.class_names) if dm is not None else None
+    except Exception:  # a data module without class names (e.g. an image folder)
+        names = None
+    _write_text(run / "report.md", render_report(values, constant, info, names))
