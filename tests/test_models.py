@@ -459,11 +459,17 @@ def test_registry_rejects_bad_configs(config, message):
 
 
 @pytest.mark.parametrize("size", [(64, 96), (70, 90)])
-def test_fused_upsample_path_equals_reference_path(size):
-    """conv(up2(x)) at low resolution == upsampling then conv, outputs and gradients."""
+@pytest.mark.parametrize("arch", ["densemtl", "mtl"])
+def test_fused_upsample_path_equals_reference_path(size, arch):
+    """conv(up2(x)) at low resolution == upsampling then conv: outputs, and gradients.
+
+    Gradients are compared on hard sharing: in DenseMTL they also pass the exchange block's
+    max-pooling, whose argmax among near-equal (ReLU-zero) values flips with float rounding and
+    routes a few gradients elsewhere -- a discontinuity of max-pooling, not of the fused path.
+    """
     torch.manual_seed(0)
-    fast = randomise_(tiny(decoder={"num_ch_dec": SLIM}))
-    ref = tiny(decoder={"num_ch_dec": SLIM, "fused_upsample": False})
+    fast = randomise_(tiny(arch=arch, decoder={"num_ch_dec": SLIM}))
+    ref = tiny(arch=arch, decoder={"num_ch_dec": SLIM, "fused_upsample": False})
     ref.load_state_dict(fast.state_dict())
     x = torch.rand(2, 3, *size)
     torch.manual_seed(1)
@@ -473,6 +479,8 @@ def test_fused_upsample_path_equals_reference_path(size):
     for t in out_ref:
         for s in out_ref[t]:
             assert torch.allclose(out_fast[t][s], out_ref[t][s], atol=1e-5, rtol=1e-5)
+    if arch != "mtl":
+        return
     scalar_loss(out_fast).backward()
     scalar_loss(out_ref).backward()
     ref_grads = dict(ref.named_parameters())
