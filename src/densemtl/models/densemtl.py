@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -108,6 +109,12 @@ class DenseMTL(MultiTaskNet):
         if unknown:
             raise ValueError(f"unknown exchange option(s): {sorted(unknown)}")
         stages = opts.pop("stages")
+        if opts["sxtam"] and opts["alpha"] and not (opts["sa"] or opts["cxtam"]) and stages:
+            warnings.warn(
+                "exchange: SxTAM alone with alpha initialised to 0 never trains: the projection's "
+                "BatchNorm sees a constant 0 input, its ReLU sits at 0, and no gradient reaches "
+                "alpha or the attention (the same holds for the official code). Set "
+                "exchange.alpha: false, or keep sa: true.", stacklevel=2)
         if len(self.tasks) < 2 or not (opts["sa"] or opts["sxtam"] or opts["cxtam"]):
             stages = []  # nothing to exchange: plain hard sharing (the official "no_distil")
         attn_stride = int(opts.pop("attn_stride"))
