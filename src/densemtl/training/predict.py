@@ -65,7 +65,7 @@ def predict_files(model: MultiTaskNet, files: list[tuple[Path, Path]], output: P
                                 "(use --skip-unreadable to go on without it)") from exc
             print(f"skipped unreadable input: {path} ({exc})", file=sys.stderr)
             continue
-        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0
+        image = torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1).float() / 255.0
         pred = model.predict(image.to(device))
         written = []
         stem = output / rel.parent / rel.stem
