@@ -43,7 +43,7 @@ def scalar_loss(out: dict[str, dict[int, torch.Tensor]]) -> torch.Tensor:
     total = torch.zeros(())
     for task in out.values():
         for y in task.values():
-            total = total + (y * torch.randn(y.shape, generator=g)).mean()
+            total = total.to(y.device) + (y * torch.randn(y.shape, generator=g).to(y.device)).mean()
     return total
 
 

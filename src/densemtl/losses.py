@@ -280,6 +280,9 @@ class MultiTaskLoss(nn.Module):
             if unknown:
                 raise ValueError(f"{what} name task(s) {sorted(unknown)} not in {self.tasks}")
         self.weights = {t: float(weights.get(t, 1.0)) for t in self.tasks}
+        # a buffer, so the loss never copies the weights from the host at every step
+        self.register_buffer("fixed_weights", torch.tensor([self.weights[t] for t in self.tasks]),
+                             persistent=False)
         self.scales = [int(s) for s in scales]
         if not self.scales:
             raise ValueError("at least one scale is required")
@@ -330,7 +333,7 @@ class MultiTaskLoss(nn.Module):
                 raise KeyError(f"model output has no task '{task}' (has {sorted(outputs)})")
             terms.update(self.task_loss(task, outputs[task], batch))
         task_losses = torch.stack([terms[t] for t in self.tasks])
-        fixed = task_losses.new_tensor([self.weights[t] for t in self.tasks])
+        fixed = self.fixed_weights.to(task_losses.dtype)
         if self.weighting == "uncertainty":
             log_vars = self.log_vars.float()
             weight = 0.5 * torch.exp(-log_vars) * fixed
