@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from densemtl.bench import PAPER_WEIGHTS, random_batch
-from densemtl.losses import MultiTaskLoss
+from densemtl.bench import random_batch
+from densemtl.losses import MultiTaskLoss, paper_weights
 from densemtl.models import build_model
 from densemtl.tasks import parse_tasks
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = {t: ({"channels": 16} if t == "semseg" else None) for t in args.tasks.split(",")}
     tasks = parse_tasks(spec)
     batch = random_batch(tasks, args.batch, args.height, args.width, device)
-    criterion = MultiTaskLoss(list(tasks), weights={t: PAPER_WEIGHTS[t] for t in tasks})
+    criterion = MultiTaskLoss(list(tasks), weights=paper_weights(tasks))
     steps, state = {}, None
     for name, v in VARIANTS.items():
         torch.manual_seed(0)

@@ -24,11 +24,13 @@ from typing import Any
 
 import yaml
 
+from densemtl.losses import paper_weights
+from densemtl.tasks import get_task
+
 TASKS_ALL = ["semseg", "depth", "normals", "edges"]
-WEIGHTS = {"semseg": 100, "depth": 1, "normals": 100, "edges": 50}
-MAIN = {"semseg": ("mIoU", True), "depth": ("rmse", False), "normals": ("mean", False),
-        "edges": ("odsF", True)}
-SHORT = {"semseg": "S", "depth": "D", "normals": "N", "edges": "E"}
+WEIGHTS = paper_weights(TASKS_ALL)  # the paper's SDNE weights, for every task set of the grid
+MAIN = {t: (get_task(t).main_metric, get_task(t).higher_is_better(get_task(t).main_metric))
+        for t in TASKS_ALL}  # (metric, higher is better), as the tasks declare them
 
 # name -> (network options without encoder/decoder, description)
 METHODS: dict[str, tuple[dict[str, Any], str]] = {
@@ -55,7 +57,7 @@ def grid(quick: bool) -> list[tuple[str, list[str]]]:
 
 
 def run_name(method: str, tasks: list[str]) -> str:
-    suffix = tasks[0] if method == "stl" else "".join(SHORT[t] for t in tasks).lower()
+    suffix = tasks[0] if method == "stl" else "".join(get_task(t).short for t in tasks).lower()
     return f"{method}_{suffix}"
 
 

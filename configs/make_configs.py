@@ -17,15 +17,9 @@ from typing import Any
 
 import yaml
 
-HERE = Path(__file__).resolve().parent
-SHORT = {"semseg": "s", "depth": "d", "normals": "n", "edges": "e"}
-PAPER_WEIGHTS = {  # (tasks) -> loss weights, spec §5.1
-    ("semseg", "depth"): {"semseg": 50, "depth": 1},
-    ("semseg", "depth", "normals"): {"semseg": 100, "depth": 1, "normals": 100},
-    ("semseg", "depth", "normals", "edges"):
-        {"semseg": 100, "depth": 1, "normals": 100, "edges": 50},
-}
+from densemtl.losses import paper_weights
 
+HERE = Path(__file__).resolve().parent
 DATASETS: dict[str, dict[str, Any]] = {
     "cityscapes": {"classes": 16, "size": (512, 1024), "lr": (1e-5, 1e-4), "max_depth": 80.0,
                    "options": {"num_classes": 16}, "task_sets": ["sd", "sdn"]},
@@ -120,7 +114,7 @@ def paper_configs() -> dict[Path, dict[str, Any]]:
                 dataset, root, "stl", (t,), name=f"stl_{t}", **common)
         for ts in d["task_sets"]:
             tasks = TASK_SETS[ts]
-            common["weights"] = PAPER_WEIGHTS[tasks]
+            common["weights"] = paper_weights(tasks)
             for method in ("densemtl", "mtl", "padnet_plus"):
                 out[HERE / dataset / f"{method}_{ts}.yaml"] = config(
                     dataset, root, method, tasks, name=f"{method}_{ts}", **common)
@@ -155,7 +149,7 @@ def synthetic_configs() -> dict[Path, dict[str, Any]]:
             "synthetic", root, "stl", (t,), name=f"stl_{t}", **common)
     for ts in ("sd", "sdne"):
         tasks = TASK_SETS[ts]
-        common["weights"] = PAPER_WEIGHTS[tasks]
+        common["weights"] = paper_weights(tasks)
         for method in ("densemtl", "mtl", "padnet_plus"):
             out[HERE / "synthetic" / f"{method}_{ts}.yaml"] = config(
                 "synthetic", root, method, tasks, name=f"{method}_{ts}", **common)

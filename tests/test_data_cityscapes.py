@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from densemtl.data.cityscapes import MEAN_K, CityscapesDataset
-from densemtl.data.io import DataError
+from densemtl.io import DataError
 
 from test_data_helpers import grey_png, rgb_image, write_json
 

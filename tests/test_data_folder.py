@@ -7,8 +7,8 @@ import math
 import pytest
 
 from densemtl.data.folder import ImageFolderDataset
-from densemtl.data.io import DataError
 from densemtl.data.transforms import Resize
+from densemtl.io import DataError
 
 from test_data_helpers import rgb_image
 

@@ -1,7 +1,7 @@
 """Helpers for the data tests: tiny files in the datasets' distributed formats.
 
 ``raw_png`` is a deliberately minimal PNG writer (no filtering, written independently of
-``densemtl.data.io``) so that the decoders are checked against bytes they did not produce.
+``densemtl.io``) so that the decoders are checked against bytes they did not produce.
 """
 
 from __future__ import annotations

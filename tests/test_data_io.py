@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from densemtl.data.io import (
+from densemtl.io import (
     DataError,
     png_bytes,
     read_json,

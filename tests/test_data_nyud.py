@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from densemtl.data.io import DataError
 from densemtl.data.nyud import NYUD_K, NYUDv2Dataset
+from densemtl.io import DataError
 
 from test_data_helpers import grey_png, raw_png, rgb_image
 

@@ -10,7 +10,6 @@ import torch
 
 from densemtl.data.appearance import render
 from densemtl.data.geometry import normals_from_depth
-from densemtl.data.nyud import SyntheticDataset
 from densemtl.data.scene import (
     CEILING,
     CLASS_NAMES,
@@ -22,7 +21,7 @@ from densemtl.data.scene import (
     intrinsics,
     sample_scene,
 )
-from densemtl.data.synthetic import generate, main, render_sample
+from densemtl.data.synthetic import SyntheticDataset, generate, main, render_sample
 
 from test_data_helpers import angle_deg
 

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from densemtl.data.io import DataError
 from densemtl.data.splits import random_split, split_from_file
 from densemtl.data.synthia import SynthiaDataset
+from densemtl.io import DataError
 
 from test_data_helpers import grey_png, raw_png, rgb_image
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from densemtl.data.io import DataError
 from densemtl.data.vkitti2 import VKITTI2Dataset
+from densemtl.io import DataError
 
 from test_data_helpers import grey_png, raw_png, rgb_image
 

@@ -4,15 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from densemtl.losses import (
-    BerHuLoss,
-    EdgesLoss,
-    MultiTaskLoss,
-    NormalsLoss,
-    SemsegLoss,
-    resize_to,
-)
+from densemtl.functional import resize_to
+from densemtl.losses import MultiTaskLoss
 from densemtl.tasks import IGNORE_INDEX, depth_to_inverse
+from densemtl.tasks.depth import BerHuLoss
+from densemtl.tasks.edges import EdgesLoss
+from densemtl.tasks.normals import NormalsLoss
+from densemtl.tasks.semseg import SemsegLoss
 
 TASK_NAMES = ["semseg", "depth", "normals", "edges"]
 
@@ -170,7 +168,14 @@ def test_multitask_terms_total_and_scale_mean():
     total = sum(weights[t] * terms[t] for t in TASK_NAMES)
     torch.testing.assert_close(terms["total"], total)
     terms["total"].backward()
-    assert all(outputs[t][s].grad is not None for t in TASK_NAMES for s in (0, 1))
+    for t in TASK_NAMES:
+        for s in (0, 1):
+            grad = outputs[t][s].grad
+            assert torch.isfinite(grad).all() and grad.abs().sum() > 0, (t, s)
+    # the total's gradient is the weighted sum of the per-scale terms' gradients
+    pred = outputs["depth"][1]
+    (single,) = torch.autograd.grad(crit(outputs, batch)["depth/s1"], pred)
+    torch.testing.assert_close(pred.grad, weights["depth"] * 0.5 / 2 * single)
 
 
 def test_multitask_missing_scale_and_missing_label():

@@ -7,19 +7,17 @@ import torch
 import torch.nn.functional as F
 
 from densemtl.metrics import (
-    HIGHER_IS_BETTER,
-    DepthMetric,
-    EdgesMetric,
     MultiTaskMetrics,
-    NormalsMetric,
-    SemsegMetric,
     delta_m,
     delta_m_main,
-    disk_max,
     higher_is_better,
     load_baselines,
 )
-from densemtl.tasks import IGNORE_INDEX, TASKS, depth_to_inverse
+from densemtl.tasks import IGNORE_INDEX, depth_to_inverse, get_task, registered_tasks
+from densemtl.tasks.depth import DepthMetric
+from densemtl.tasks.edges import EdgesMetric, disk_max
+from densemtl.tasks.normals import NormalsMetric
+from densemtl.tasks.semseg import SemsegMetric
 
 ALL = ["semseg", "depth", "normals", "edges"]
 
@@ -289,7 +287,7 @@ def test_container_names_and_skipped_tasks():
     names = set(results)
     assert math.isnan(value(results["edges/odsF"]))  # nothing scored: NaN, not 0
     for t in ALL:
-        assert f"{t}/{TASKS[t].main_metric}" in names
+        assert f"{t}/{get_task(t).main_metric}" in names
     assert {"semseg/IoU/00", "depth/rmseLog", "normals/within22", "edges/oisF"} <= names
     for name in names - {"edges/odsThr"}:
         higher_is_better(name)  # every reported metric has a direction
@@ -315,9 +313,16 @@ def test_update_makes_no_host_sync():
 
 # --- delta_m ------------------------------------------------------------------------------------
 
-def test_directions_agree_with_task_registry():
-    for t in ALL:
-        assert HIGHER_IS_BETTER[f"{t}/{TASKS[t].main_metric}"] == TASKS[t].higher_is_better
+def test_directions_come_from_the_task_declarations():
+    expected = {"semseg/mIoU": True, "depth/rmse": False, "normals/mean": False,
+                "edges/odsF": True, "depth/delta1": True, "semseg/IoU/road": True}
+    assert {n: higher_is_better(n) for n in expected} == expected
+    assert [f"{t}/{get_task(t).main_metric}" for t in ALL] == list(expected)[:4]
+    assert list(registered_tasks())[:4] == ALL
+    with pytest.raises(KeyError, match="unknown metric"):
+        higher_is_better("flow/epe")
+    with pytest.raises(KeyError, match="no metric 'accuracy'"):
+        higher_is_better("depth/accuracy")
 
 
 def test_delta_m_hand_value_and_errors():

@@ -19,12 +19,9 @@ from densemtl.cli import main as cli
 from densemtl.data.synthetic import generate
 from densemtl.models.discriminator import PatchDiscriminator
 from densemtl.tasks import depth_to_inverse
-from densemtl.training.uda import (
-    AdaptationModule,
-    domain_map,
-    entropy_map,
-    source_depth_range,
-)
+from densemtl.tasks.depth import source_depth_range
+from densemtl.tasks.semseg import entropy_map
+from densemtl.training.uda import AdaptationModule, domain_map
 
 pytestmark = pytest.mark.xdist_group("uda")
 

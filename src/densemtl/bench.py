@@ -1,6 +1,6 @@
 """``densemtl bench``: time full training steps and inference of any model configuration.
 
-A training step is what the paper's recipe runs: forward, the paper's losses (weights for the
+A training step is what the paper's recipe runs: forward, the paper's losses (its weights for the
 task set), backward, global gradient clipping at 10, Adam with the two parameter groups.
 Inputs and labels are random (valid values). Prints a table and, with ``--json``, one JSON
 object as the last line (``s_per_iter_median``, ``img_per_s``, ``peak_mem_MiB``, phases, ...).
@@ -20,21 +20,20 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .losses import MultiTaskLoss
+from .losses import MultiTaskLoss, paper_weights
 from .models import build_model
-from .tasks import IGNORE_INDEX, parse_tasks
+from .tasks import get_task, parse_tasks
 
-PAPER_WEIGHTS = {"semseg": 100.0, "depth": 1.0, "normals": 100.0, "edges": 50.0}
 DECODERS = {"paper": [64, 128, 128, 256, 256], "slim": [16, 32, 32, 64, 64]}
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("fp32", "fp32-strict", "tf32", "bf16")
 
 
 def build_parser(prog: str = "densemtl bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default="semseg,depth,normals", help="comma-separated task list")
-    p.add_argument("--classes", type=int, default=16, help="semseg classes (default 16)")
+    p.add_argument("--classes", type=int, default=16,
+                   help="output channels of the tasks that need them: classes (default 16)")
     p.add_argument("--arch", default="densemtl", help="registry arch (default densemtl)")
     p.add_argument("--backbone", default="resnet101", help="encoder name (default resnet101)")
     p.add_argument("--no-dilation", action="store_true",
@@ -46,7 +45,9 @@ def build_parser(prog: str = "densemtl bench") -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32, fp32 with TF32 matmuls/convs, or bf16 autocast")
+                   help="fp32 (PyTorch's defaults: TF32 convolutions, fp32 matmuls), "
+                        "fp32-strict (no TF32 at all), tf32 (TF32 convolutions and matmuls) "
+                        "or bf16 autocast")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--attention", choices=("sdpa", "explicit"), default="sdpa")
@@ -69,7 +70,8 @@ def build_parser(prog: str = "densemtl bench") -> argparse.ArgumentParser:
 
 def model_config(args: argparse.Namespace) -> dict[str, Any]:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    spec = {t: ({"channels": args.classes} if t == "semseg" else None) for t in tasks}
+    spec = {t: ({"channels": args.classes} if get_task(t).default_channels is None else None)
+            for t in tasks}
     fused = not (args.no_fused_upsample or args.reference)
     network: dict[str, Any] = {
         "arch": args.arch,
@@ -87,18 +89,12 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def random_batch(tasks: dict[str, int], b: int, h: int, w: int,
                  device: torch.device) -> dict[str, torch.Tensor]:
+    """A random image and valid random labels of every task (``{task: channels}``)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     batch = {"image": torch.rand(b, 3, h, w, generator=g)}
-    if "semseg" in tasks:
-        seg = torch.randint(0, tasks["semseg"], (b, h, w), generator=g)
-        seg[:, :2] = IGNORE_INDEX
-        batch["semseg"] = seg
-    if "depth" in tasks:
-        batch["depth"] = torch.rand(b, 1, h, w, generator=g) * 60 + 1
-    if "normals" in tasks:
-        batch["normals"] = F.normalize(torch.randn(b, 3, h, w, generator=g), dim=1)
-    if "edges" in tasks:
-        batch["edges"] = (torch.rand(b, 1, h, w, generator=g) > 0.9).float()
+    for name, channels in tasks.items():
+        task = get_task(name)
+        batch[task.label_key] = task.random_label(b, h, w, channels, g)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -114,9 +110,13 @@ def _peak_mib(device: torch.device) -> float:
 
 
 def _timed(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Seconds per call after ``warmup`` calls; peak memory is counted from the first timed call
+    (cuDNN's algorithm search during warm-up can take far more workspace than training does)."""
     for _ in range(warmup):
         fn()
     _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
@@ -131,9 +131,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True
-    tf32 = args.precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = args.precision != "fp32-strict"
     torch.manual_seed(0)
     cfg = model_config(args)
     model = build_model(cfg).to(device)
@@ -143,8 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     forward = torch.compile(model) if args.compile else model
     batch = random_batch(tasks, args.batch, args.height, args.width, device)
     batch["image"] = batch["image"].contiguous(memory_format=fmt)
-    criterion = MultiTaskLoss(list(tasks), weights={t: PAPER_WEIGHTS[t] for t in tasks},
-                              scales=(0, 1)).to(device)
+    criterion = MultiTaskLoss(list(tasks), weights=paper_weights(tasks), scales=(0, 1)).to(device)
     enc = {id(p) for p in model.encoder.parameters()}
     optimizer = torch.optim.Adam(
         [{"params": [p for p in model.parameters() if id(p) in enc], "lr": 2e-4},
@@ -181,8 +179,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.mode in ("train", "both"):
         model.train()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         times = _timed(train_step, device, args.warmup, args.iters)
         med = statistics.median(times)
         result.update({"s_per_iter_median": med, "s_per_iter_min": min(times),
@@ -196,8 +192,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with torch.inference_mode(), autocast():
                 forward(batch["image"])
 
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         times = _timed(infer, device, args.warmup, args.iters)
         med = statistics.median(times)
         result.update({"infer_s_per_iter_median": med, "infer_img_per_s": args.batch / med,

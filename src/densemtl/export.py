@@ -1,9 +1,21 @@
-"""``densemtl export``: a checkpoint to ONNX (raw scale-0 outputs, one named output per task)."""
+"""``densemtl export``: a checkpoint to ONNX, one named output per task.
+
+By default the outputs are the decoded scale-0 predictions of ``MultiTaskNet.predict``
+(semseg class ids [B,H,W] int64, depth metres, unit normals, edge probabilities [B,C,H,W]),
+named after the tasks; with ``raw`` the raw scale-0 head outputs, named ``<task>_raw`` (depth:
+65536 / (100 D + 1)). The graph is traced with the TorchScript exporter.
+
+With dynamic height/width the traced decoder keeps the upsampling path (same size, fused x2 or
+interpolation) that each level took at the export size, so other sizes must give the same
+feature-size ratios: use multiples of the encoder's largest stride (checked for the export
+size).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -11,39 +23,75 @@ from torch import Tensor, nn
 
 from .models import load_model
 from .models.densemtl import MultiTaskNet
+from .tasks import get_task
 
 
 class FinalOutputs(nn.Module):
-    """Wraps a model so that it returns the scale-0 raw outputs as a tuple in task order."""
+    """Wraps a model so that it returns the scale-0 outputs as a tuple in task order.
 
-    def __init__(self, model: MultiTaskNet) -> None:
+    ``raw=False`` decodes each task to physical units (``get_task(name).decode``), as
+    ``MultiTaskNet.predict`` does.
+    """
+
+    def __init__(self, model: MultiTaskNet, raw: bool = False) -> None:
         super().__init__()
         self.model = model
         self.tasks = list(model.tasks)
+        self.raw = raw
+
+    @property
+    def output_names(self) -> list[str]:
+        return [f"{t}_raw" for t in self.tasks] if self.raw else list(self.tasks)
 
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
         out = self.model(image)
-        return tuple(out[t][0] for t in self.tasks)
+        if self.raw:
+            return tuple(out[t][0] for t in self.tasks)
+        return tuple(get_task(t).decode(out[t][0].float()) for t in self.tasks)
+
+
+def max_stride(model: nn.Module) -> int:
+    """The largest feature stride of the model's encoder (1 if it does not say)."""
+    reductions = getattr(getattr(model, "encoder", None), "reductions", None)
+    return max(reductions) if reductions else 1
 
 
 def export_onnx(model: MultiTaskNet, path: str | Path, height: int, width: int,
-                opset: int = 17, dynamic: bool = False) -> list[str]:
-    """Write ``path``; returns the output names (the task names, raw head parametrisation)."""
-    wrapper = FinalOutputs(model.eval()).eval()
+                opset: int = 17, dynamic: bool = False, raw: bool = False) -> list[str]:
+    """Write ``path`` (atomically); returns the output names, in task order.
+
+    ``dynamic``: batch, height and width are dynamic axes (height and width: multiples of the
+    encoder's largest stride, like the export size).
+    """
+    stride = max_stride(model)
+    if height % stride or width % stride:
+        raise ValueError(f"export size {height}x{width} must be a multiple of the encoder's "
+                         f"largest stride ({stride})")
+    wrapper = FinalOutputs(model.eval(), raw=raw).eval()
     example = torch.rand(1, 3, height, width)
-    names = list(wrapper.tasks)
+    names = wrapper.output_names
     axes = None
-    if dynamic:
-        axes = {"image": {0: "batch", 2: "height", 3: "width"},
-                **{n: {0: "batch", 2: "height", 3: "width"} for n in names}}
+    if dynamic:  # batch and the last two axes of every output (class ids have no channel axis)
+        with torch.no_grad():
+            ranks = [out.dim() for out in wrapper(example)]
+        axes = {name: {0: "batch", rank - 2: "height", rank - 1: "width"}
+                for name, rank in zip(["image", *names], [4, *ranks])}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with torch.no_grad():
-        torch.onnx.export(wrapper, (example,), str(tmp), input_names=["image"],
-                          output_names=names, dynamic_axes=axes, opset_version=opset,
-                          dynamo=False)
-    tmp.replace(path)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # The tracer warns about every shape comparison of the decoder (fixed per level:
+            # see the module docstring) and the TorchScript exporter about its deprecation.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+            torch.onnx.export(wrapper, (example,), str(tmp), input_names=["image"],
+                              output_names=names, dynamic_axes=axes, opset_version=opset,
+                              dynamo=False, verbose=False)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return names
 
 
@@ -51,20 +99,27 @@ def main(argv: list[str], command: str = "export") -> int:
     parser = argparse.ArgumentParser(
         prog=f"densemtl {command}",
         description="Export a checkpoint to ONNX. Input 'image' [B,3,H,W] in [0,1]; one output "
-                    "per task with the raw scale-0 head output (depth: 65536/(100 D + 1)).")
+                    "per task: the decoded scale-0 prediction (semseg class ids, depth metres, "
+                    "unit normals, edge probabilities), or with --raw the raw head output "
+                    "('<task>_raw'; depth: 65536/(100 D + 1)).")
     parser.add_argument("--ckpt", required=True, help="densemtl or Lightning checkpoint")
     parser.add_argument("--out", required=True, help="output .onnx file")
     parser.add_argument("--height", type=int, default=256, help="example input height")
     parser.add_argument("--width", type=int, default=512, help="example input width")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--dynamic", action="store_true",
-                        help="dynamic batch and image size (default: fixed to the example)")
+                        help="dynamic batch and image size (multiples of the encoder's largest "
+                             "stride; default: fixed to the example)")
+    parser.add_argument("--raw", action="store_true",
+                        help="raw head outputs instead of decoded predictions")
     args = parser.parse_args(argv)
     try:
         model = load_model(args.ckpt)
-        names = export_onnx(model, args.out, args.height, args.width, args.opset, args.dynamic)
+        names = export_onnx(model, args.out, args.height, args.width, args.opset, args.dynamic,
+                            args.raw)
     except (FileNotFoundError, ValueError) as exc:
         print(f"densemtl {command}: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out} (input 'image' 1x3x{args.height}x{args.width}, outputs {names})")
+    size = "dynamic Bx3xHxW" if args.dynamic else f"1x3x{args.height}x{args.width}"
+    print(f"wrote {args.out} (input 'image' {size}, outputs {names})")
     return 0

@@ -1,228 +1,48 @@
-"""Training losses: one module per task plus the multi-scale, multi-task combination.
+"""The multi-task training loss: every task's own loss, over scales, combined into a total.
 
-Every task loss takes the raw head output of one scale, the label at label resolution and the
-optional ``has`` flags of the batch, and returns a scalar fp32 tensor:
-
-* ``semseg``  softmax cross-entropy, pixels labelled ``IGNORE_INDEX`` (255) ignored;
-* ``depth``   BerHu on the official normalised inverse depth ``65536 / (100 D + 1)``;
-* ``normals`` ``1 - cos(pred, gt)`` over pixels with a non-zero ground-truth normal;
-* ``edges``   class-weighted cross-entropy, weights ``[1 - pos_weight, pos_weight]``
-  (2-channel softmax, or the equivalent sigmoid BCE for a 1-channel head).
-
-Predictions are resized to the label size (bilinear, ``align_corners=True``) whenever H or W
-differ. Samples whose ``has`` flag is False contribute nothing; when no pixel in the batch is
-supervised the loss is an exact 0 that is still attached to the graph. No function here reads a
-tensor value on the host (no ``.item()``), and losses are computed in fp32 with autocast off.
-See ``docs/metrics.md`` for the differences from the official implementation.
+Each task brings its loss (``Task.loss``: see ``densemtl/tasks``); this module averages it over
+the supervised output scales and combines the tasks with fixed weights (the paper), uncertainty
+weighting or DWA. Predictions are resized to the label size inside each task loss; samples whose
+``has_<label>`` flag is False contribute nothing, and a task whose label is absent from the batch
+contributes an exact 0 attached to the graph. Nothing here reads a tensor value on the host.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tasks import (
-    IGNORE_INDEX,
-    TASKS,
-    channel_sq_norm,
-    depth_to_inverse,
-    get_task,
-    unit_vectors,
-)
+from .tasks import get_task
 
-__all__ = [
-    "LOSSES",
-    "BerHuLoss",
-    "EdgesLoss",
-    "MultiTaskLoss",
-    "NormalsLoss",
-    "SemsegLoss",
-    "TaskLoss",
-    "berhu",
-    "resize_to",
-]
+__all__ = ["PAPER_WEIGHTS", "MultiTaskLoss", "paper_weights"]
 
 _EPS = 1e-12
 
-
-def resize_to(pred: Tensor, size: Sequence[int], mode: str = "bilinear") -> Tensor:
-    """Resize ``pred`` [B,C,h,w] to ``size`` (H, W) unless it already has that size.
-
-    ``bilinear`` uses ``align_corners=True`` like the official code (which only resized when both
-    H and W differed; we resize when either does).
-    """
-    if tuple(pred.shape[-2:]) == tuple(size):
-        return pred
-    if mode == "nearest":
-        return F.interpolate(pred, size=tuple(size), mode="nearest")
-    return F.interpolate(pred, size=tuple(size), mode=mode, align_corners=True)
-
-
-def fp32_context(device: torch.device) -> AbstractContextManager[Any]:
-    """A context with autocast disabled on ``device`` (a no-op where autocast does not exist)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return nullcontext()
-
-
-def sample_mask(has: Tensor | None, batch_size: int, device: torch.device) -> Tensor:
-    """``has`` [B] (bool) -> float [B,1,1] with 1 for supervised samples (all ones if None)."""
-    if has is None:
-        return torch.ones(batch_size, 1, 1, device=device)
-    if has.shape != (batch_size,):
-        raise ValueError(f"'has' must have shape ({batch_size},), got {tuple(has.shape)}")
-    return has.to(device=device, dtype=torch.float32).view(batch_size, 1, 1)
-
-
-def weighted_mean(loss: Tensor, weight: Tensor, denom: Tensor | None = None) -> Tensor:
-    """``sum(loss * weight) / sum(weight)`` (or ``/ denom``); 0 with a graph when nothing counts.
-
-    ``loss`` must be finite wherever ``weight`` is 0 (0 * inf would poison the sum).
-    """
-    total = (loss * weight).sum()
-    denom = weight.sum() if denom is None else denom
-    return total / denom.clamp_min(_EPS)
-
-
-def berhu(err: Tensor, c: Tensor) -> Tensor:
-    """Reverse Huber of the absolute error ``err`` with threshold ``c`` (a 0-dim tensor).
-
-    ``err`` if ``err <= c`` else ``(err^2 + c^2) / (2c)``. ``c = 0`` (a perfect batch) is
-    handled: the result is then ``err`` (= 0) with finite gradients.
-    """
-    c = c.clamp_min(_EPS)
-    return torch.where(err <= c, err, (err * err + c * c) / (2.0 * c))
-
-
-def _as_4d(label: Tensor) -> Tensor:
-    """[B,H,W] -> [B,1,H,W]; 4-d labels pass through."""
-    return label.unsqueeze(1) if label.dim() == 3 else label
-
-
-class TaskLoss(nn.Module):
-    """Base class: resizes the prediction, builds the per-sample mask, runs in fp32.
-
-    Subclasses implement :meth:`compute` on a prediction that already has the label's size.
-    """
-
-    def forward(self, pred: Tensor, target: Tensor, has: Tensor | None = None) -> Tensor:
-        """Loss of raw head output ``pred`` [B,C,h,w] against ``target`` at label resolution.
-
-        ``has`` [B] bool marks the samples that carry this label (None: all of them).
-        """
-        if pred.dim() != 4:
-            raise ValueError(f"{type(self).__name__}: prediction must be [B,C,H,W], got "
-                             f"{tuple(pred.shape)}")
-        with fp32_context(pred.device):
-            pred = resize_to(pred.float(), target.shape[-2:])
-            mask = sample_mask(has, pred.shape[0], pred.device)
-            return self.compute(pred, target, mask)
-
-    def compute(self, pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-        """``mask`` is float [B,1,1]: 1 for supervised samples."""
-        raise NotImplementedError
-
-
-class SemsegLoss(TaskLoss):
-    """Softmax cross-entropy over non-ignored pixels of supervised samples (no class weights)."""
-
-    def __init__(self, ignore_index: int = IGNORE_INDEX) -> None:
-        super().__init__()
-        self.ignore_index = ignore_index
-
-    def compute(self, pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-        target = target.long()
-        ce = F.cross_entropy(pred, target, ignore_index=self.ignore_index, reduction="none")
-        weight = (target != self.ignore_index).float() * mask
-        return weighted_mean(ce, weight)
-
-
-class BerHuLoss(TaskLoss):
-    """BerHu on the normalised inverse depth, target ``depth_to_inverse(D)`` where ``D > 0``.
-
-    The threshold is ``c = threshold * max|err|`` over the valid pixels of the whole batch,
-    detached and kept on the device.
-
-    reduction:
-        ``"valid"`` (default) averages over valid pixels. ``"all"`` reproduces the official
-        normalisation: the sum over valid pixels divided by *every* pixel of the supervised
-        samples (invalid pixels count as zeros), which scales the loss by the valid fraction.
-    """
-
-    def __init__(self, threshold: float = 0.2, reduction: Literal["valid", "all"] = "valid"):
-        super().__init__()
-        if threshold <= 0:
-            raise ValueError(f"BerHu threshold must be > 0, got {threshold}")
-        if reduction not in ("valid", "all"):
-            raise ValueError(f"BerHu reduction must be 'valid' or 'all', got {reduction!r}")
-        self.threshold = threshold
-        self.reduction = reduction
-
-    def compute(self, pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-        target = _as_4d(target).float()
-        valid = (target > 0) & torch.isfinite(target)
-        weight = valid.float() * mask.unsqueeze(1)
-        # invalid pixels get a finite dummy target; their error is zeroed by the mask
-        inv = depth_to_inverse(torch.where(valid, target, torch.ones_like(target)))
-        err = (pred - inv).abs() * weight
-        c = self.threshold * err.detach().amax()
-        loss = berhu(err, c)
-        if self.reduction == "all":
-            denom = mask.sum() * target[0].numel()
-            return weighted_mean(loss, weight, denom)
-        return weighted_mean(loss, weight)
-
-
-class NormalsLoss(TaskLoss):
-    """``1 - cos`` between the (normalised) prediction and GT over pixels with a non-zero GT."""
-
-    def compute(self, pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-        target = target.float()
-        valid = channel_sq_norm(target) > 0
-        cos = (unit_vectors(pred) * unit_vectors(target)).sum(1)
-        return weighted_mean(1.0 - cos, valid.float() * mask)
-
-
-class EdgesLoss(TaskLoss):
-    """Class-weighted cross-entropy for edges: background ``1 - pos_weight``, edge ``pos_weight``.
-
-    A 2-channel head uses softmax cross-entropy, a 1-channel head sigmoid BCE (identical for
-    logits ``(0, z)``). The result is the weighted mean normalised by the weight sum
-    (PyTorch's ``weight=`` semantics, as the official loss).
-    """
-
-    def __init__(self, pos_weight: float = 0.95) -> None:
-        super().__init__()
-        if not 0.0 < pos_weight < 1.0:
-            raise ValueError(f"edges pos_weight must be in (0, 1), got {pos_weight}")
-        self.pos_weight = pos_weight
-
-    def compute(self, pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-        target = _as_4d(target)[:, 0].float()
-        positive = target > 0.5
-        if pred.shape[1] == 1:
-            ce = F.binary_cross_entropy_with_logits(pred[:, 0], positive.float(), reduction="none")
-        elif pred.shape[1] == 2:
-            ce = F.cross_entropy(pred, positive.long(), reduction="none")
-        else:
-            raise ValueError(f"edges prediction must have 1 or 2 channels, got {pred.shape[1]}")
-        pos = torch.full_like(target, self.pos_weight)
-        weight = torch.where(positive, pos, 1.0 - pos) * mask
-        return weighted_mean(ce, weight)
-
-
-LOSSES: dict[str, type[TaskLoss]] = {
-    "semseg": SemsegLoss,
-    "depth": BerHuLoss,
-    "normals": NormalsLoss,
-    "edges": EdgesLoss,
+PAPER_WEIGHTS: dict[tuple[str, ...], dict[str, float]] = {
+    ("semseg", "depth"): {"semseg": 50.0, "depth": 1.0},
+    ("semseg", "depth", "normals"): {"semseg": 100.0, "depth": 1.0, "normals": 100.0},
+    ("semseg", "depth", "normals", "edges"):
+        {"semseg": 100.0, "depth": 1.0, "normals": 100.0, "edges": 50.0},
 }
-"""Default loss class per task name; options come from ``MultiTaskLoss(task_options=...)``."""
+"""The paper's fixed loss weights per task set (they balance a depth loss in normalised inverse
+depth units, which are large numbers)."""
+
+
+def paper_weights(tasks: Iterable[str]) -> dict[str, float]:
+    """The paper's loss weights for ``tasks`` (any order).
+
+    Task sets the paper did not train use the weights of its largest set, and 1 for tasks it
+    never had.
+    """
+    tasks = list(tasks)
+    for names, weights in PAPER_WEIGHTS.items():
+        if sorted(names) == sorted(tasks):
+            return {t: weights[t] for t in tasks}
+    largest = max(PAPER_WEIGHTS.values(), key=len)
+    return {t: largest.get(t, 1.0) for t in tasks}
 
 
 class MultiTaskLoss(nn.Module):
@@ -269,8 +89,7 @@ class MultiTaskLoss(nn.Module):
         self.tasks = list(tasks)
         if not self.tasks:
             raise ValueError("MultiTaskLoss needs at least one task")
-        for name in self.tasks:
-            get_task(name)
+        declared = [get_task(name) for name in self.tasks]
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"duplicate task in {self.tasks}")
         weights = dict(weights or {})
@@ -295,8 +114,8 @@ class MultiTaskLoss(nn.Module):
         self.weighting = weighting
         self.dwa_temperature = float(dwa_temperature)
         self.losses = nn.ModuleDict(
-            {t: LOSSES[t](**dict(task_options.get(t, {}))) for t in self.tasks}
-        )
+            {t.name: t.build_loss(**dict(task_options.get(t.name, {}))) for t in declared})
+        self.label_keys = {t.name: t.label_key for t in declared}
         n = len(self.tasks)
         if weighting == "uncertainty":
             self.log_vars = nn.Parameter(torch.zeros(n))
@@ -314,7 +133,7 @@ class MultiTaskLoss(nn.Module):
         if not present:
             raise KeyError(f"task '{task}': the model output has scales {sorted(preds)}, "
                            f"none of the supervised scales {self.scales}")
-        key = TASKS[task].label_key
+        key = self.label_keys[task]
         if key not in batch:  # nobody in this batch carries the label
             zero = sum(preds[s].float().sum() for s, _ in present) * 0.0
             return {task: zero}

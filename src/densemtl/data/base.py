@@ -14,31 +14,32 @@ may read) and decodes each task's label; everything else is here:
 * ``unknown_labels``: raw label values that are not ids of the dataset's label definition are
   refused with the file and values named (``"error"``) or mapped to 255 (``"ignore"``). Ids that are
   defined but not part of the chosen class mapping always become 255.
-* Normals of datasets without normals files are derived from the final depth and ``K`` *after*
-  the transforms (:func:`densemtl.data.geometry.normals_from_depth`), i.e. at the network
-  resolution with the correctly resized/cropped/flipped intrinsics.
+* A registered task the dataset has no files for, but whose ``derived_from`` keys it provides
+  (normals from ``depth`` and ``K``), is derived *after* the transforms (``Task.derive``), i.e. at
+  the network resolution with the correctly resized/cropped/flipped intrinsics.
 * ``validate``: shapes and dtypes are always checked; ``validate=True`` also checks every value.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from densemtl.tasks import IGNORE_INDEX
+from densemtl.tasks import IGNORE_INDEX, Task, get_task, registered_tasks, task_for_label
 
-from .geometry import normals_from_depth, resize_intrinsics
-from .io import DataError, read_rgb
+from ..io import DataError, read_png, read_rgb
+from .geometry import resize_intrinsics
 from .sample import Sample, validate_sample
+
+Reader = Callable[[Any, "Record", tuple[int, int]], np.ndarray]
 
 MISSING_POLICIES = ("error", "drop_sample", "drop_label")
 SIZE_POLICIES = ("error", "resize")
@@ -82,25 +83,26 @@ class LabelMap:
         out[unknown] = IGNORE_INDEX
         return out
 
-
-def _resize_label(task: str, label: Tensor, size: tuple[int, int]) -> Tensor:
-    """Nearest (max-pooled for edges) resize of one label map to ``size``."""
-    from .transforms import _nearest_index
-
-    if task == "edges":
-        return F.adaptive_max_pool2d(label[None], size)[0]
-    rows = _nearest_index(size[0], label.shape[-2], label.device)
-    cols = _nearest_index(size[1], label.shape[-1], label.device)
-    return label.index_select(-2, rows).index_select(-1, cols)
+    def read(self, path: Path, policy: str = "error") -> np.ndarray:
+        """Train ids from a single-channel PNG of raw ids."""
+        raw = read_png(path)
+        if raw.ndim != 2:
+            raise DataError(f"{path}: {self.name} must be a single-channel PNG, got {raw.shape}")
+        return self(raw, path, policy)
 
 
 class DenseDataset(Dataset):
     """Base class of every dataset (see the module docstring for the shared behaviour)."""
 
     name: ClassVar[str] = ""
-    provides: ClassVar[tuple[str, ...]] = ()  # tasks read from files
-    derives_normals: ClassVar[bool] = False  # normals computed from depth + K
+    readers: ClassVar[Mapping[str, Reader]] = {}  # task -> method reading its label from files
+    provides: ClassVar[tuple[str, ...]] = ()  # the tasks of ``readers`` (set automatically)
+    has_intrinsics: ClassVar[bool] = True  # samples carry K (labels may be derived from it)
     splits: ClassVar[tuple[str, ...]] = ("train", "val")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.provides = tuple(cls.readers)
 
     class_names: tuple[str, ...] = ()
     palette: np.ndarray = np.zeros((0, 3), dtype=np.uint8)
@@ -109,7 +111,7 @@ class DenseDataset(Dataset):
         self,
         root: str | Path,
         split: str = "train",
-        tasks: Sequence[str] = ("semseg", "depth"),
+        tasks: Sequence[str] | None = None,
         transform: Callable[[Sample], Sample] | None = None,
         *,
         validate: bool = False,
@@ -132,7 +134,7 @@ class DenseDataset(Dataset):
         if isinstance(tasks, str):
             raise TypeError(f"tasks must be a list of task names, got the string {tasks!r}")
         self.split = split
-        self.tasks = tuple(dict.fromkeys(tasks))
+        self.tasks = tuple(dict.fromkeys(self.provides if tasks is None else tasks))
         unknown = [t for t in self.tasks if t not in self.available_tasks]
         if unknown:
             raise ValueError(
@@ -146,12 +148,11 @@ class DenseDataset(Dataset):
         self.records = self._check_files(self.list_records(split))
 
     # --- to implement --------------------------------------------------------------------------
+    # ``readers``: ``{task: method}``; each method returns the decoded label of a record as a
+    # numpy array in the task's units ([H,W] or [H,W,C], its own size); the base class turns it
+    # into the sample's tensor.
     def list_records(self, split: str) -> list[Record]:
         """All samples of ``split``, sorted, with the paths of every file they may read."""
-        raise NotImplementedError
-
-    def load_label(self, record: Record, task: str, image_hw: tuple[int, int]) -> Tensor:
-        """Decode one label of ``record`` in the contract's dtype/shape (its own size)."""
         raise NotImplementedError
 
     def intrinsics(self, record: Record, image_hw: tuple[int, int]) -> Tensor | None:
@@ -159,16 +160,33 @@ class DenseDataset(Dataset):
         return None
 
     def task_files(self, task: str) -> tuple[str, ...]:
-        """Keys of :attr:`Record.files` that ``task`` reads."""
-        if task == "normals" and "normals" not in self.provides:
-            return self.task_files("depth")
-        return (task,)
+        """Keys of :attr:`Record.files` that ``task`` reads (a derived task: its sources')."""
+        if task in self.provides:
+            return (task,)
+        return tuple(dict.fromkeys(f for dep in self.derivation_sources(task)
+                                   for f in self.task_files(dep)))
 
     # --- shared ---------------------------------------------------------------------------------
+    def derivation_sources(self, task: str) -> list[str]:
+        """The provided tasks whose labels ``task`` is derived from."""
+        deps = [task_for_label(k) for k in get_task(task).derived_from if k != "K"]
+        return [t.name for t in deps if t is not None]
+
+    def _derivable(self, task: Task) -> bool:
+        if task.name in self.provides or not task.derived_from:
+            return False
+        for key in task.derived_from:
+            source = task_for_label(key)
+            if key == "K" and not self.has_intrinsics:
+                return False
+            if key != "K" and (source is None or source.name not in self.provides):
+                return False
+        return True
+
     @property
     def available_tasks(self) -> tuple[str, ...]:
-        extra = ("normals",) if self.derives_normals and "normals" not in self.provides else ()
-        return self.provides + extra
+        derived = [t.name for t in registered_tasks().values() if self._derivable(t)]
+        return self.provides + tuple(derived)
 
     @property
     def num_classes(self) -> int:
@@ -238,20 +256,21 @@ class DenseDataset(Dataset):
         for task in self._load_tasks():
             if task in rec.missing:
                 continue
-            label = self.load_label(rec, task, hw)
+            label = get_task(task).label_from_numpy(self.readers[task](self, rec, hw))
             if tuple(label.shape[-2:]) != hw:
                 label = self._fit_size(rec, task, label, hw)
             sample[task] = label
         return sample
 
-    def _derived_normals(self) -> bool:
-        return "normals" in self.tasks and "normals" not in self.provides
+    def _derived(self) -> list[str]:
+        """The requested tasks computed from other labels after the transforms."""
+        return [t for t in self.tasks if t not in self.provides]
 
     def _load_tasks(self) -> list[str]:
-        """Labels read from files: the tasks, with depth standing in for derived normals."""
-        tasks = [t for t in self.tasks if t != "normals" or not self._derived_normals()]
-        if self._derived_normals() and "depth" not in tasks:
-            tasks.append("depth")
+        """Labels read from files: the provided tasks asked for and the derived ones' sources."""
+        tasks = [t for t in self.tasks if t in self.provides]
+        for t in self._derived():
+            tasks += [d for d in self.derivation_sources(t) if d not in tasks]
         return tasks
 
     def _fit_size(self, rec: Record, task: str, label: Tensor, hw: tuple[int, int]) -> Tensor:
@@ -259,7 +278,7 @@ class DenseDataset(Dataset):
         path = rec.files[self.task_files(task)[0]]
         same_aspect = abs((lh / lw) / (hw[0] / hw[1]) - 1) < 0.01
         if self.on_size_mismatch == "resize" and same_aspect:
-            return _resize_label(task, label, hw)
+            return get_task(task).resize_label(label, hw)
         why = "" if same_aspect else " (different aspect ratio: not resizable)"
         raise DataError(
             f"{path}: {task} label is {lh}x{lw} but its image "
@@ -277,16 +296,27 @@ class DenseDataset(Dataset):
             )
         if self.transform is not None:
             sample = self.transform(sample)
-        if self._derived_normals() and "depth" in sample:
-            sample["normals"] = normals_from_depth(sample["depth"], sample["K"])
-            if "depth" not in self.tasks:
-                del sample["depth"]
+        sample = self._derive(sample)
         validate_sample(
             sample,
             num_classes=self.num_classes or None,
             full=self.validate,
             where=f"{self.name} {sample['id']}",
         )
+        return sample
+
+    def _derive(self, sample: Sample) -> Sample:
+        """Compute the derived labels, then drop the sources that were not asked for."""
+        derived = self._derived()
+        if not derived:
+            return sample
+        for name in derived:
+            task = get_task(name)
+            if all(k in sample for k in task.derived_from):  # else: a dropped source label
+                sample[task.label_key] = task.derive(sample)
+        for source in {d for t in derived for d in self.derivation_sources(t)}:
+            if source not in self.tasks:
+                sample.pop(get_task(source).label_key, None)
         return sample
 
     @staticmethod
@@ -305,17 +335,6 @@ class DenseDataset(Dataset):
         )
 
 
-def as_tensor_label(task: str, array: np.ndarray) -> Tensor:
-    """A decoded numpy label -> the contract's tensor (dtype and channel layout)."""
-    if task == "semseg":
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
-    if task in ("depth", "edges"):
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
-    if task == "normals":
-        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32))
-    raise KeyError(task)
-
-
 def clean_depth(depth: np.ndarray) -> np.ndarray:
     """Metres with every NaN, inf or negative value set to 0 (invalid)."""
     depth = depth.astype(np.float32, copy=True)
@@ -330,17 +349,3 @@ def unit_normals(raw: np.ndarray, min_norm: float = 0.5) -> np.ndarray:
     norm = np.linalg.norm(raw, axis=-1, keepdims=True)
     ok = norm >= min_norm
     return np.where(ok, raw / np.maximum(norm, 1e-12), 0.0).astype(np.float32)
-
-
-def bit_palette(n: int) -> np.ndarray:
-    """n distinct colours by interleaving the bits of the class index (PASCAL VOC scheme)."""
-    out = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        c, r, g, b = i + 1, 0, 0, 0  # +1 so that class 0 is not black
-        for shift in range(7, -1, -1):
-            r |= (c & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        out[i] = (r, g, b)
-    return out

@@ -22,16 +22,16 @@ of the images (``leftImg8bit_small`` of the official code) are nearest-resized t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 from torch import Tensor
 
-from .base import DenseDataset, LabelMap, Record, as_tensor_label
+from ..io import DataError, read_json, read_png
+from .base import DenseDataset, LabelMap, Reader, Record
 from .geometry import make_intrinsics
-from .io import DataError, read_json, read_png
-from .sample import Sample
 
 NATIVE_SIZE = (1024, 2048)
 MEAN_K = (2262.52, 2265.3017905988554, 1096.98, 513.137)
@@ -104,28 +104,21 @@ class CityscapesDataset(DenseDataset):
     """Cityscapes: semseg (19/16/8/7 classes), depth from disparity, derived normals."""
 
     name = "cityscapes"
-    provides = ("semseg", "depth")
-    derives_normals = True
     splits = ("train", "val", "test")
 
     def __init__(
         self,
         root: str | Path,
-        split: str = "train",
-        tasks: Sequence[str] = ("semseg", "depth"),
-        transform: Callable[[Sample], Sample] | None = None,
-        *,
+        *args: Any,
         num_classes: int = 19,
         image_folder: str | None = None,
         on_size_mismatch: str = "resize",
-        **policies,
+        **kwargs: Any,
     ):
         self.class_names, self.palette, mapping = class_set(num_classes)
         self.label_map = LabelMap(mapping, RAW_IDS, "Cityscapes labelIds (0..33)")
         self.image_folder = image_folder
-        super().__init__(
-            root, split, tasks, transform, on_size_mismatch=on_size_mismatch, **policies
-        )
+        super().__init__(root, *args, on_size_mismatch=on_size_mismatch, **kwargs)
 
     def _image_dir(self) -> Path:
         names = [self.image_folder] if self.image_folder else ["leftImg8bit", "leftImg8bit_small"]
@@ -164,9 +157,9 @@ class CityscapesDataset(DenseDataset):
         return records
 
     def task_files(self, task: str) -> tuple[str, ...]:
-        if task in ("depth", "normals"):
+        if task == "depth":  # disparity to metres needs the camera's baseline and focal length
             return ("depth", "camera")
-        return (task,)
+        return super().task_files(task)
 
     def _camera(self, record: Record) -> dict[str, float]:
         path = record.files["camera"]
@@ -193,25 +186,15 @@ class CityscapesDataset(DenseDataset):
             K = make_intrinsics(*MEAN_K)
         return self.scaled_intrinsics(K, NATIVE_SIZE, image_hw)
 
-    def load_label(self, record: Record, task: str, image_hw: tuple[int, int]) -> Tensor:
-        if task == "semseg":
-            path = record.files["semseg"]
-            raw = read_png(path)
-            if raw.ndim != 2:
-                raise DataError(f"{path}: labelIds must be a single-channel PNG, got {raw.shape}")
-            return as_tensor_label(task, self.label_map(raw, path, self.unknown_labels))
-        if task == "depth":
-            cam = self._camera(record)
-            return as_tensor_label(
-                task,
-                disparity_to_depth(
-                    read_png(record.files["depth"]),
-                    cam["baseline"],
-                    cam["fx"],
-                    record.files["depth"],
-                ),
-            )
-        raise KeyError(task)
+    def _read_semseg(self, record: Record, image_hw: tuple[int, int]) -> np.ndarray:
+        return self.label_map.read(record.files["semseg"], self.unknown_labels)
+
+    def _read_depth(self, record: Record, image_hw: tuple[int, int]) -> np.ndarray:
+        cam = self._camera(record)
+        path = record.files["depth"]
+        return disparity_to_depth(read_png(path), cam["baseline"], cam["fx"], path)
+
+    readers: ClassVar[Mapping[str, Reader]] = {"semseg": _read_semseg, "depth": _read_depth}
 
 
 def disparity_to_depth(

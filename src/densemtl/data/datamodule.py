@@ -74,27 +74,28 @@ def _check_synthesize(
 
 
 class _Common(L.LightningDataModule):
-    """Transforms and loader settings shared by both data modules."""
+    """Transforms and loader settings shared by both data modules (see their docstrings)."""
 
-    def _init_common(
+    def __init__(
         self,
         tasks: Sequence[str],
         height: int,
         width: int,
-        batch_size: int,
-        val_batch_size: int | None,
-        num_workers: int,
-        pin_memory: bool,
-        crop_height: int | None,
-        crop_width: int | None,
-        scale_min: float,
-        scale_max: float,
-        hflip: float,
-        color_jitter: float,
-        drop_last: bool,
-        seed: int,
-        validate: bool,
+        batch_size: int = 2,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        crop_height: int | None = None,
+        crop_width: int | None = None,
+        scale_min: float = 1.0,
+        scale_max: float = 1.0,
+        hflip: float = 0.5,
+        color_jitter: float = 0.0,
+        drop_last: bool = True,
+        seed: int = 0,
+        validate: bool = False,
     ) -> None:
+        super().__init__()
         self.tasks = _check_tasks(tasks)
         self.height, self.width = int(height), int(width)
         self.batch_size = int(batch_size)
@@ -162,47 +163,18 @@ class DenseDataModule(_Common):
         tasks: list[str],
         height: int,
         width: int,
-        batch_size: int = 2,
-        val_batch_size: int | None = None,
-        num_workers: int = 2,
-        pin_memory: bool = True,
-        crop_height: int | None = None,
-        crop_width: int | None = None,
-        scale_min: float = 1.0,
-        scale_max: float = 1.0,
-        hflip: float = 0.5,
-        color_jitter: float = 0.0,
+        *,
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "val",
         predict_root: str | None = None,
         limit_train: int | None = None,
-        drop_last: bool = True,
-        seed: int = 0,
-        validate: bool = False,
         dataset_options: dict[str, Any] | None = None,
         synthesize: dict[str, Any] | None = None,
+        **loading: Any,
     ):
-        super().__init__()
+        super().__init__(tasks, height, width, **loading)
         self.save_hyperparameters(logger=False)
-        self._init_common(
-            tasks,
-            height,
-            width,
-            batch_size,
-            val_batch_size,
-            num_workers,
-            pin_memory,
-            crop_height,
-            crop_width,
-            scale_min,
-            scale_max,
-            hflip,
-            color_jitter,
-            drop_last,
-            seed,
-            validate,
-        )
         self.dataset_name, self.root = dataset, root
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.predict_root, self.limit_train = predict_root, limit_train
@@ -307,58 +279,29 @@ class AdaptationDataModule(_Common):
         tasks: list[str],
         height: int,
         width: int,
+        *,
         target_height: int | None = None,
         target_width: int | None = None,
-        batch_size: int = 2,
         target_batch_size: int | None = None,
-        val_batch_size: int | None = None,
-        num_workers: int = 2,
-        pin_memory: bool = True,
-        crop_height: int | None = None,
-        crop_width: int | None = None,
-        scale_min: float = 1.0,
-        scale_max: float = 1.0,
-        hflip: float = 0.5,
-        color_jitter: float = 0.0,
         source_split: str = "train",
         target_split: str = "train",
         val_split: str = "val",
         test_split: str = "val",
         mode: str = "max_size_cycle",
-        drop_last: bool = True,
-        seed: int = 0,
-        validate: bool = False,
         source_options: dict[str, Any] | None = None,
         target_options: dict[str, Any] | None = None,
         source_synthesize: dict[str, Any] | None = None,
         target_synthesize: dict[str, Any] | None = None,
+        **loading: Any,
     ):
-        super().__init__()
+        super().__init__(tasks, height, width, **loading)
         self.save_hyperparameters(logger=False)
-        self._init_common(
-            tasks,
-            height,
-            width,
-            batch_size,
-            val_batch_size,
-            num_workers,
-            pin_memory,
-            crop_height,
-            crop_width,
-            scale_min,
-            scale_max,
-            hflip,
-            color_jitter,
-            drop_last,
-            seed,
-            validate,
-        )
         if mode not in ("max_size_cycle", "min_size", "max_size"):
             raise ValueError(f"unknown CombinedLoader mode {mode!r}")
         self.source, self.source_root = source, source_root
         self.target, self.target_root = target, target_root
         self.target_size = (target_height or self.height, target_width or self.width)
-        self.target_batch_size = int(target_batch_size or batch_size)
+        self.target_batch_size = int(target_batch_size or self.batch_size)
         self.source_split, self.target_split = source_split, target_split
         self.val_split, self.test_split, self.mode = val_split, test_split, mode
         self.source_options = dict(source_options or {})
@@ -422,7 +365,8 @@ class AdaptationDataModule(_Common):
 
     def _check_classes(self) -> None:
         counts = {r: d.num_classes for r, d in self._datasets.items() if r != "target"}
-        if "semseg" in self.tasks and len(set(counts.values())) > 1:
+        uses_classes = any(get_task(t).uses_classes for t in self.tasks)
+        if uses_classes and len(set(counts.values())) > 1:
             raise ValueError(
                 f"source and target class counts differ: {counts}; choose matching "
                 "class sets in source_options / target_options"

@@ -26,7 +26,6 @@ class ImageFolderDataset(DenseDataset):
     """Images only; ``split`` is ignored apart from naming (``all``)."""
 
     name = "folder"
-    provides = ()
     splits = ("all", "train", "val", "test", "predict")
 
     def __init__(

@@ -1,4 +1,4 @@
-"""NYUDv2 in the ATRC / MTI-Net ``NYUD_MT`` layout (both variants) and the synthetic benchmark.
+"""NYUDv2 in the ATRC / MTI-Net ``NYUD_MT`` layout (both variants).
 
 ::
 
@@ -23,32 +23,25 @@ cx 325.58, cy 253.74) shifted by the usual crop offset (top 45, left 40) for the
 -- an approximation, since the archive does not store it; ``intrinsics=[fx, fy, cx, cy]``
 (for the stored image size) overrides it.
 
-A folder written by ``densemtl synth`` has the same layout plus ``meta.json``; when that file is
-present its class names, palette and exact intrinsics are used (``SyntheticDataset`` requires it).
+The built-in synthetic benchmark is written in this layout and read by a subclass
+(``densemtl.data.synthetic.SyntheticDataset``) that takes class names, palette and exact
+intrinsics from its ``meta.json``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 from torch import Tensor
 
-from .base import (
-    DenseDataset,
-    LabelMap,
-    Record,
-    as_tensor_label,
-    bit_palette,
-    clean_depth,
-    unit_normals,
-)
+from ..io import DataError, read_npy, read_png
+from ..io import palette as bit_palette
+from .base import DenseDataset, LabelMap, Reader, Record, clean_depth, unit_normals
 from .geometry import make_intrinsics
-from .io import DataError, read_json, read_npy, read_png
-from .sample import Sample
 from .splits import read_id_list
-from .synthetic import GENERATOR, META_FILE
 
 NYUD_CLASSES = (
     "wall",
@@ -109,7 +102,6 @@ class NYUDv2Dataset(DenseDataset):
     """NYUDv2 (ATRC layout): 40 classes, depth, normals and edges from files."""
 
     name = "nyudv2"
-    provides = ("semseg", "depth", "normals", "edges")
     splits = ("train", "val", "test")
     class_names = NYUD_CLASSES
     palette = bit_palette(40)
@@ -117,14 +109,11 @@ class NYUDv2Dataset(DenseDataset):
     def __init__(
         self,
         root: str | Path,
-        split: str = "train",
-        tasks: Sequence[str] = ("semseg", "depth", "normals", "edges"),
-        transform: Callable[[Sample], Sample] | None = None,
-        *,
+        *args: Any,
         variant: str = "auto",
         intrinsics: Sequence[float] | None = None,
         normals_signs: Sequence[float] = (1.0, 1.0, 1.0),
-        **policies,
+        **kwargs: Any,
     ):
         if variant not in ("auto", "png", "npy"):
             raise ValueError(f"variant must be 'auto', 'png' or 'npy', got {variant!r}")
@@ -133,34 +122,12 @@ class NYUDv2Dataset(DenseDataset):
             root = root / "NYUD_MT"
         self.variant = variant
         self.normals_signs = np.asarray(normals_signs, dtype=np.float32).reshape(3)
-        self.meta = self._read_meta(root)
-        self._K_native: tuple[tuple[float, ...], tuple[int, int]] = (NYUD_K, NYUD_SIZE)
-        if self.meta is not None:
-            K = self.meta["K"]
-            self._K_native = (
-                (K[0][0], K[1][1], K[0][2], K[1][2]),
-                (int(self.meta["height"]), int(self.meta["width"])),
-            )
-            self.class_names = tuple(self.meta["class_names"])
-            self.palette = np.asarray(self.meta["palette"], dtype=np.uint8).reshape(-1, 3)
         self._K_override = None if intrinsics is None else tuple(float(x) for x in intrinsics)
         n = len(self.class_names)
         self.label_map = LabelMap(
             {v: v - 1 for v in range(1, n + 1)}, range(n + 1), f"{self.name} segmentation (0..{n})"
         )
-        super().__init__(root, split, tasks, transform, **policies)
-
-    def _read_meta(self, root: Path) -> dict | None:
-        path = root / META_FILE
-        if not path.is_file():
-            return None
-        meta = read_json(path)
-        if not isinstance(meta, dict) or meta.get("generator") != GENERATOR:
-            return None
-        for key in ("class_names", "palette", "K", "height", "width"):
-            if key not in meta:
-                raise DataError(f"{path}: missing key {key!r}")
-        return meta
+        super().__init__(root, *args, **kwargs)
 
     def list_records(self, split: str) -> list[Record]:
         ids = read_id_list(self.root / "gt_sets" / f"{split}.txt")
@@ -174,44 +141,47 @@ class NYUDv2Dataset(DenseDataset):
     def intrinsics(self, record: Record, image_hw: tuple[int, int]) -> Tensor:
         if self._K_override is not None:
             return make_intrinsics(*self._K_override)
-        values, native = self._K_native
+        values, native = self.camera()
         return self.scaled_intrinsics(make_intrinsics(*values), native, image_hw)
 
-    def load_label(self, record: Record, task: str, image_hw: tuple[int, int]) -> Tensor:
-        path = record.files[task]
-        if task == "semseg":
+    def camera(self) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+        """(fx, fy, cx, cy) and the image size they are given for."""
+        return NYUD_K, NYUD_SIZE
+
+    def _read_semseg(self, record: Record, image_hw: tuple[int, int]) -> np.ndarray:
+        return self.label_map.read(record.files["semseg"], self.unknown_labels)
+
+    def _read_depth(self, record: Record, image_hw: tuple[int, int]) -> np.ndarray:
+        path = record.files["depth"]
+        return clean_depth(_squeeze_2d(read_npy(path), path))
+
+    def _read_normals(self, record: Record, image_hw: tuple[int, int]) -> np.ndarray:
+        path = record.files["normals"]
+        if path.suffix == ".png":
             raw = read_png(path)
-            if raw.ndim != 2:
+            if raw.ndim != 3 or raw.shape[2] != 3 or raw.dtype != np.uint8:
                 raise DataError(
-                    f"{path}: segmentation must be a single-channel PNG, got {raw.shape}"
-                )
-            return as_tensor_label(task, self.label_map(raw, path, self.unknown_labels))
-        if task == "depth":
-            return as_tensor_label(task, clean_depth(_squeeze_2d(read_npy(path), path)))
-        if task == "normals":
-            if path.suffix == ".png":
-                raw = read_png(path)
-                if raw.ndim != 3 or raw.shape[2] != 3 or raw.dtype != np.uint8:
-                    raise DataError(
-                        f"{path}: normals PNG must be 8-bit RGB, got {raw.shape} {raw.dtype}"
-                    )
-                vec = raw.astype(np.float32) * (2.0 / 255.0) - 1.0
-            else:
-                vec = read_npy(path).astype(np.float32)
-                if vec.ndim != 3 or vec.shape[2] != 3:
-                    raise DataError(f"{path}: normals array must be [H,W,3], got {vec.shape}")
-            return as_tensor_label(task, unit_normals(vec) * self.normals_signs)
-        if task == "edges":
-            if path.suffix == ".png":
-                raw = read_png(path)
-                if raw.ndim == 3:
-                    raw = raw[..., 0]
-                edges = raw >= (128 if raw.dtype == np.uint8 else 32768)
-            else:
-                arr = _squeeze_2d(read_npy(path), path).astype(np.float32)
-                edges = np.nan_to_num(arr, nan=0.0) >= 0.5
-            return as_tensor_label(task, edges)
-        raise KeyError(task)
+                    f"{path}: normals PNG must be 8-bit RGB, got {raw.shape} {raw.dtype}")
+            vec = raw.astype(np.float32) * (2.0 / 255.0) - 1.0
+        else:
+            vec = read_npy(path).astype(np.float32)
+            if vec.ndim != 3 or vec.shape[2] != 3:
+                raise DataError(f"{path}: normals array must be [H,W,3], got {vec.shape}")
+        return unit_normals(vec) * self.normals_signs
+
+    def _read_edges(self, record: Record, image_hw: tuple[int, int]) -> np.ndarray:
+        path = record.files["edges"]
+        if path.suffix == ".png":
+            raw = read_png(path)
+            if raw.ndim == 3:
+                raw = raw[..., 0]
+            return raw >= (128 if raw.dtype == np.uint8 else 32768)
+        arr = _squeeze_2d(read_npy(path), path).astype(np.float32)
+        return np.nan_to_num(arr, nan=0.0) >= 0.5
+
+    readers: ClassVar[Mapping[str, Reader]] = {
+        "semseg": _read_semseg, "depth": _read_depth, "normals": _read_normals,
+        "edges": _read_edges}
 
 
 def _squeeze_2d(arr: np.ndarray, path: Path) -> np.ndarray:
@@ -220,33 +190,3 @@ def _squeeze_2d(arr: np.ndarray, path: Path) -> np.ndarray:
     if arr.ndim != 2:
         raise DataError(f"{path}: expected a [H,W] array, got shape {arr.shape}")
     return arr
-
-
-class SyntheticDataset(NYUDv2Dataset):
-    """The built-in procedural benchmark (``densemtl synth``), read through the NYUDv2 loader."""
-
-    name = "synthetic"
-    splits = ("train", "val")
-
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "train",
-        tasks: Sequence[str] = ("semseg", "depth", "normals", "edges"),
-        transform: Callable[[Sample], Sample] | None = None,
-        **options,
-    ):
-        meta = Path(root).expanduser() / META_FILE
-        if not meta.is_file():
-            raise FileNotFoundError(
-                2,
-                f"missing file: {meta} (generate the data with 'densemtl synth --out {root} ...')",
-                str(meta),
-            )
-        super().__init__(root, split, tasks, transform, **options)
-        if self.meta is None:
-            raise DataError(f"{meta}: not written by densemtl synth")
-
-    @property
-    def style(self) -> str:
-        return str(self.meta["style"]) if self.meta else ""

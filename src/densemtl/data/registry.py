@@ -1,4 +1,8 @@
-"""Dataset names -> classes (one entry per dataset; no if/elif factories)."""
+"""Dataset names -> classes (one entry per dataset; no if/elif factories).
+
+A new dataset is one :class:`~densemtl.data.base.DenseDataset` subclass plus one
+``register_dataset("name", MyDataset)`` call; configs then use ``dataset: name``.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ from typing import Any
 from .base import DenseDataset
 from .cityscapes import CityscapesDataset
 from .folder import ImageFolderDataset
-from .nyud import NYUDv2Dataset, SyntheticDataset
+from .nyud import NYUDv2Dataset
 from .sample import Sample
+from .synthetic import SyntheticDataset
 from .synthia import SynthiaDataset
 from .vkitti2 import VKITTI2Dataset
 
@@ -21,6 +26,21 @@ DATASETS: dict[str, type[DenseDataset]] = {
     "vkitti2": VKITTI2Dataset,
     "folder": ImageFolderDataset,
 }
+
+
+def register_dataset(name: str, cls: type[DenseDataset], *, replace: bool = False) -> None:
+    """Make ``cls`` available as ``dataset: name`` (``replace=True`` swaps out an existing one)."""
+    if not (isinstance(cls, type) and issubclass(cls, DenseDataset)):
+        raise TypeError(f"register_dataset expects a DenseDataset subclass, got {cls!r}")
+    if name in DATASETS and DATASETS[name] is not cls and not replace:
+        raise ValueError(f"a dataset named '{name}' is already registered "
+                         "(pass replace=True to replace it)")
+    DATASETS[name] = cls
+
+
+def unregister_dataset(name: str) -> None:
+    """Forget the dataset ``name``."""
+    del DATASETS[name]
 
 
 def dataset_class(name: str) -> type[DenseDataset]:

@@ -14,9 +14,11 @@ One sample is a plain ``dict``::
     id       str
 
 Every task key is optional (partially labelled data). ``K`` is optional only for image folders
-without known intrinsics. The batch produced by :func:`collate` holds, for every task key present
-in at least one sample, the stacked labels (absent samples filled with the invalid value) and a
-bool ``has_<key>`` [B] flag.
+without known intrinsics. The label keys, dtypes, shapes, "no label" values and value checks come
+from the registered tasks (``densemtl.tasks``), so a registered new task's label is validated and
+collated like the built-in ones. The batch produced by :func:`collate` holds, for every label key
+present in at least one sample, the stacked labels (absent samples filled with the task's "no
+label" value) and a bool ``has_<key>`` [B] flag.
 """
 
 from __future__ import annotations
@@ -27,26 +29,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from densemtl.tasks import IGNORE_INDEX
+from densemtl.tasks import Task, registered_tasks
 
 Sample = dict[str, Any]
 
-TASK_KEYS: tuple[str, ...] = ("semseg", "depth", "normals", "edges")
-"""Label keys, in the canonical order."""
+NON_LABEL_KEYS: frozenset[str] = frozenset({"image", "K", "id"})
+"""Keys of a sample that are not task labels."""
 
-FILL_VALUES: dict[str, float] = {"semseg": IGNORE_INDEX, "depth": 0.0, "normals": 0.0, "edges": 0.0}
-"""Value that means "no label" for each task key (used by :func:`collate`)."""
 
-_SPEC: dict[str, tuple[torch.dtype, int | None]] = {
-    # key: (dtype, number of channels; None = no channel axis)
-    "image": (torch.float32, 3),
-    "semseg": (torch.int64, None),
-    "depth": (torch.float32, 1),
-    "normals": (torch.float32, 3),
-    "edges": (torch.float32, 1),
-}
-
-_NORM_TOL = 1e-3
+def label_tasks() -> list[Task]:
+    """The registered tasks, in registry order (the canonical order of label keys)."""
+    return list(registered_tasks().values())
 
 
 class SampleError(ValueError):
@@ -85,15 +78,17 @@ def validate_sample(
     if not isinstance(image, Tensor) or image.ndim != 3:
         _fail(where, "'image' must be a [3,H,W] tensor")
     h, w = image.shape[-2:]
-    for key, (dtype, channels) in _SPEC.items():
-        if key not in sample:
+    if image.dtype != torch.float32 or image.shape[0] != 3:
+        _fail(where, f"'image' must be float32 [3,H,W], got {image.dtype} {tuple(image.shape)}")
+    for task in label_tasks():
+        value = sample.get(task.label_key)
+        if value is None:
             continue
-        value = sample[key]
-        expected = (h, w) if channels is None else (channels, h, w)
+        key, expected = task.label_key, task.label_shape(h, w)
         if not isinstance(value, Tensor):
             _fail(where, f"'{key}' must be a tensor, got {type(value).__name__}")
-        if value.dtype != dtype:
-            _fail(where, f"'{key}' must be {dtype}, got {value.dtype}")
+        if value.dtype != task.label_dtype:
+            _fail(where, f"'{key}' must be {task.label_dtype}, got {value.dtype}")
         if tuple(value.shape) != expected:
             _fail(where, f"'{key}' has shape {tuple(value.shape)}, expected {expected}")
     if "K" in sample:
@@ -112,27 +107,11 @@ def _check_values(sample: Mapping[str, Any], num_classes: int | None, where: str
     image = sample["image"]
     if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
         _fail(where, "'image' must be finite and within [0, 1]")
-    if "semseg" in sample:
-        seg = sample["semseg"]
-        valid = seg[seg != IGNORE_INDEX]
-        if valid.numel() and (
-            valid.min() < 0 or (num_classes is not None and valid.max() >= num_classes)
-        ):
-            bad = sorted(set(valid.unique().tolist()) - set(range(num_classes or 0)))
-            _fail(where, f"'semseg' has ids {bad[:10]} outside 0..{(num_classes or 0) - 1} and 255")
-    if "depth" in sample:
-        depth = sample["depth"]
-        if not torch.isfinite(depth).all() or depth.min() < 0:
-            _fail(where, "'depth' must be finite and >= 0 (0 = invalid)")
-    if "normals" in sample:
-        norm = sample["normals"].norm(dim=0)
-        ok = (norm < _NORM_TOL) | ((norm - 1).abs() < _NORM_TOL)
-        if not bool(ok.all()):
-            _fail(where, "'normals' must be unit vectors or 0 (invalid)")
-    if "edges" in sample:
-        edges = sample["edges"]
-        if not bool(((edges == 0) | (edges == 1)).all()):
-            _fail(where, "'edges' must contain only 0 and 1")
+    for task in label_tasks():
+        if task.label_key in sample:
+            problem = task.check_label(sample[task.label_key], num_classes)
+            if problem:
+                _fail(where, problem)
 
 
 def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -150,13 +129,14 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         raise SampleError(f"samples of different sizes {sorted(sizes)} in one batch: {ids}")
     batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples]), "id": ids}
     h, w = samples[0]["image"].shape[-2:]
-    for key in TASK_KEYS:
+    labels = set()
+    for task in label_tasks():
+        key = task.label_key
         has = [key in s for s in samples]
         if not any(has):
             continue
-        channels = _SPEC[key][1]
-        shape = (h, w) if channels is None else (channels, h, w)
-        fill = torch.full(shape, FILL_VALUES[key], dtype=_SPEC[key][0])
+        labels.add(key)
+        fill = task.empty_label(h, w)
         batch[key] = torch.stack([s.get(key, fill) for s in samples])
         batch[f"has_{key}"] = torch.tensor(has, dtype=torch.bool)
     with_k = ["K" in s for s in samples]
@@ -165,8 +145,7 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     elif any(with_k):
         missing = [i for i, k in zip(ids, with_k) if not k]
         raise SampleError(f"some samples of a batch have no intrinsics 'K': {missing}")
-    known = {"image", "id", "K", *TASK_KEYS}
-    extra = {k for s in samples for k in s} - known
+    extra = {k for s in samples for k in s} - NON_LABEL_KEYS - labels
     for key in sorted(extra):
         values = [s.get(key) for s in samples]
         if all(isinstance(v, Tensor) for v in values) and len({v.shape for v in values}) == 1:

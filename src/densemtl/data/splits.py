@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .io import DataError, read_json, require_file
+from ..io import DataError, read_json, require_file
 
 RANDOM_SPLITS = ("train", "val", "all")
 

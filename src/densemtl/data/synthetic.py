@@ -28,8 +28,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..io import DataError, read_json, save_jpeg, save_json, save_npy, save_png, write_atomic
+from ..tasks import get_task
+from ..viz import grid
 from .appearance import look_summary, render
-from .io import read_json, save_jpeg, save_json, save_npy, save_png, write_atomic
+from .nyud import NYUDv2Dataset
 from .scene import CLASS_NAMES, PALETTE, SPLIT_CODES, STYLES, Render, intrinsics, sample_scene
 
 GENERATOR = "densemtl.synthetic"
@@ -237,42 +240,61 @@ def metadata(
     }
 
 
+# --- the dataset ----------------------------------------------------------------------------------
+
+class SyntheticDataset(NYUDv2Dataset):
+    """The built-in benchmark read through the NYUDv2 loader, with the class names, palette and
+    exact intrinsics of its ``meta.json``."""
+
+    name = "synthetic"
+    splits = ("train", "val")
+
+    def __init__(
+        self,
+        root: str | Path,
+        *args: Any,
+        **kwargs: Any,
+    ):
+        path = Path(root).expanduser() / META_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                2, f"missing file: {path} (generate the data with 'densemtl synth --out {root}')",
+                str(path))
+        meta = read_json(path)
+        if not isinstance(meta, dict) or meta.get("generator") != GENERATOR:
+            raise DataError(f"{path}: not written by densemtl synth")
+        for key in ("class_names", "palette", "K", "height", "width"):
+            if key not in meta:
+                raise DataError(f"{path}: missing key {key!r}")
+        self.meta = meta
+        self.class_names = tuple(meta["class_names"])
+        self.palette = np.asarray(meta["palette"], dtype=np.uint8).reshape(-1, 3)
+        super().__init__(root, *args, **kwargs)
+
+    def camera(self) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+        K = self.meta["K"]
+        return (K[0][0], K[1][1], K[0][2], K[1][2]), (int(self.meta["height"]),
+                                                       int(self.meta["width"]))
+
+    @property
+    def style(self) -> str:
+        return str(self.meta["style"])
+
+
 # --- preview -------------------------------------------------------------------------------------
-_DEPTH_COLOURS = np.array(
-    [(13, 8, 135), (126, 3, 168), (204, 71, 120), (248, 149, 64), (240, 249, 33)], dtype=np.float32
-)
-
-
-def colourise_depth(depth: np.ndarray, vmax: float | None = None) -> np.ndarray:
-    """Depth -> uint8 RGB (plasma-like ramp, near = dark blue, far = yellow; 0 = black)."""
-    valid = depth > 0
-    vmax = vmax or (float(depth[valid].max()) if valid.any() else 1.0)
-    x = np.clip(depth / vmax, 0, 1) * (len(_DEPTH_COLOURS) - 1)
-    i = np.minimum(x.astype(np.int64), len(_DEPTH_COLOURS) - 2)
-    f = (x - i)[..., None]
-    rgb = _DEPTH_COLOURS[i] * (1 - f) + _DEPTH_COLOURS[i + 1] * f
-    return np.where(valid[..., None], rgb, 0).astype(np.uint8)
-
 
 def preview_row(r: Render) -> list[np.ndarray]:
-    """image | classes | depth | normals | edges, each uint8 [H,W,3]."""
-    normals = np.rint((r.normals + 1) * 127.5).clip(0, 255).astype(np.uint8)
-    edges = np.repeat(r.edges[..., None].astype(np.uint8) * 255, 3, axis=2)
-    return [r.image, PALETTE[r.semseg], colourise_depth(r.depth), normals, edges]
+    """image | classes | depth | normals | edges, each uint8 [H,W,3], coloured by the tasks."""
+    maps = {"semseg": r.semseg, "depth": r.depth, "normals": np.moveaxis(r.normals, -1, 0),
+            "edges": r.edges.astype(np.float32)}
+    return [r.image, *(get_task(t).colourise(v, PALETTE) for t, v in maps.items())]
 
 
 def write_preview(path: str | os.PathLike[str], renders: list[Render]) -> None:
-    """A grid (one row per sample, titled columns) saved as PNG."""
-    rows = [np.concatenate(preview_row(r), axis=1) for r in renders]
-    grid = np.concatenate(rows, axis=0)
-    header = Image.new("RGB", (grid.shape[1], 14), (255, 255, 255))
-    draw = ImageDraw.Draw(header)
-    w = renders[0].image.shape[1]
-    for k, title in enumerate(("image", "classes", "depth (near-far)", "normals", "edges")):
-        draw.text((k * w + 4, 1), title, fill=(0, 0, 0))
-    full = np.concatenate([np.asarray(header), grid], axis=0)
-    legend = _legend(full.shape[1])
-    save_png(path, np.concatenate([full, legend], axis=0), compress_level=6)
+    """A grid (one row per sample, titled columns, class legend) saved as PNG."""
+    full = grid([preview_row(r) for r in renders],
+                ("image", "classes", "depth (near-far)", "normals", "edges"), pad=0)
+    save_png(path, np.concatenate([full, _legend(full.shape[1])], axis=0), compress_level=6)
 
 
 def _legend(width: int) -> np.ndarray:

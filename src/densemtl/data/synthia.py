@@ -17,17 +17,17 @@ of the sorted ids (:func:`densemtl.data.splits.random_split`), or from ``split_f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 from torch import Tensor
 
-from .base import DenseDataset, LabelMap, Record, as_tensor_label
+from ..io import DataError, read_png
+from .base import DenseDataset, LabelMap, Reader, Record
 from .cityscapes import class_set
 from .geometry import make_intrinsics
-from .io import DataError, read_png
-from .sample import Sample
 from .splits import random_split, split_from_file
 
 SYNTHIA_IDS = (
@@ -82,29 +82,24 @@ class SynthiaDataset(DenseDataset):
     """SYNTHIA RAND-CITYSCAPES: 16 classes, depth (cm PNG), derived normals."""
 
     name = "synthia"
-    provides = ("semseg", "depth")
-    derives_normals = True
     splits = ("train", "val", "all")
 
     def __init__(
         self,
         root: str | Path,
-        split: str = "train",
-        tasks: Sequence[str] = ("semseg", "depth"),
-        transform: Callable[[Sample], Sample] | None = None,
-        *,
+        *args: Any,
         seed: int = 0,
         val_fraction: float = 0.2,
         split_file: str | None = None,
         depth_scale: float = 0.01,
         max_depth: float | None = None,
-        **policies,
+        **kwargs: Any,
     ):
         self.class_names, self.palette, _ = class_set(16)
         self.label_map = LabelMap(SYNTHIA_TO_CS16, range(len(SYNTHIA_IDS)), "Synthia (0..22)")
         self.seed, self.val_fraction, self.split_file = seed, val_fraction, split_file
         self.depth_scale, self.max_depth = float(depth_scale), max_depth
-        super().__init__(root, split, tasks, transform, **policies)
+        super().__init__(root, *args, **kwargs)
 
     def list_records(self, split: str) -> list[Record]:
         rgb = self.root / "RGB"
@@ -132,18 +127,23 @@ class SynthiaDataset(DenseDataset):
     def intrinsics(self, record: Record, image_hw: tuple[int, int]) -> Tensor:
         return self.scaled_intrinsics(make_intrinsics(*SYNTHIA_K), NATIVE_SIZE, image_hw)
 
-    def load_label(self, record: Record, task: str, image_hw: tuple[int, int]) -> Tensor:
-        path = record.files[task]
+    @staticmethod
+    def _read_grey(path: Path) -> np.ndarray:
         raw = read_png(path)
-        if raw.ndim == 3:
-            raw = raw[..., 0]
-        if task == "semseg":
-            return as_tensor_label(task, self.label_map(raw, path, self.unknown_labels))
-        if task == "depth":
-            if raw.dtype != np.uint16:
-                raise DataError(f"{path}: Synthia depth must be a 16-bit PNG, got {raw.dtype}")
-            depth = raw.astype(np.float32) * self.depth_scale
-            if self.max_depth is not None:
-                depth[depth >= self.max_depth] = 0.0
-            return as_tensor_label(task, depth)
-        raise KeyError(task)
+        return raw[..., 0] if raw.ndim == 3 else raw
+
+    def _read_semseg(self, record: Record, image_hw: tuple[int, int]) -> np.ndarray:
+        path = record.files["semseg"]
+        return self.label_map(self._read_grey(path), path, self.unknown_labels)
+
+    def _read_depth(self, record: Record, image_hw: tuple[int, int]) -> np.ndarray:
+        path = record.files["depth"]
+        raw = self._read_grey(path)
+        if raw.dtype != np.uint16:
+            raise DataError(f"{path}: Synthia depth must be a 16-bit PNG, got {raw.dtype}")
+        depth = raw.astype(np.float32) * self.depth_scale
+        if self.max_depth is not None:
+            depth[depth >= self.max_depth] = 0.0
+        return depth
+
+    readers: ClassVar[Mapping[str, Reader]] = {"semseg": _read_semseg, "depth": _read_depth}

@@ -1,44 +1,52 @@
 """Joint transforms over the sample dict; every geometric one keeps ``K`` exact.
 
-Interpolation per key when resizing:
+The image is resized bilinearly with antialiasing (``torchvision.transforms.v2.functional``);
+every label is resized, padded and flipped the way its task declares (``densemtl.tasks``):
 
-* ``image``: bilinear with antialiasing (``torchvision.transforms.v2.functional.resize``);
 * ``semseg``, ``depth``, ``normals``: nearest, sampling the source pixel whose centre is nearest
   to the target pixel centre (depth is never averaged across a discontinuity or with an invalid 0);
   normals are renormalised afterwards (0-vectors stay 0);
 * ``edges``: max over the source pixels each target pixel overlaps (adaptive max pooling), so thin
   edges survive downsampling.
 
-Cropping outside the image pads with the invalid values (image 0, semseg 255, depth 0, normals 0,
-edges 0). A horizontal flip mirrors every map, negates the x component of the normals and sets
-``cx' = W - 1 - cx`` (see :mod:`densemtl.data.geometry`). Randomness comes from torch's global
-generator, which the DataLoader seeds per worker.
+Cropping outside the image pads with the "no label" values (image 0, semseg 255, depth 0,
+normals 0, edges 0). A horizontal flip mirrors every map, negates the x component of the normals
+and sets ``cx' = W - 1 - cx`` (see :mod:`densemtl.data.geometry`). A tensor under a key that is
+neither ``image``, ``K`` nor a registered task's label is refused: there is no way to know how to
+transform it. Randomness comes from torch's global generator, which the DataLoader seeds per
+worker.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from densemtl.tasks import Task, task_for_label
+
 from .geometry import crop_intrinsics, hflip_intrinsics, resize_intrinsics
-from .sample import FILL_VALUES, TASK_KEYS, Sample, sample_size
+from .sample import NON_LABEL_KEYS, Sample, SampleError, sample_size
 
 Transform = Callable[[Sample], Sample]
 
-_MAP_KEYS = ("image", *TASK_KEYS)
-_FILL = {"image": 0.0, **FILL_VALUES}
 
-
-def _nearest_index(n_out: int, n_in: int, device: torch.device) -> Tensor:
-    """Source index whose pixel centre is nearest to each target pixel centre."""
-    pos = (torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * (n_in / n_out)
-    return pos.floor().long().clamp_(0, n_in - 1)
+def labels(sample: Sample) -> Iterator[tuple[str, Task]]:
+    """(key, task) for every label of ``sample``; a tensor under an unknown key is an error."""
+    for key, value in sample.items():
+        if key in NON_LABEL_KEYS or not isinstance(value, Tensor):
+            continue
+        task = task_for_label(key)
+        if task is None:
+            raise SampleError(
+                f"{sample.get('id', 'sample')}: '{key}' is not the label of any registered task, "
+                "so it cannot be resized, cropped or flipped with the image (register a task "
+                f"with label_key '{key}' or remove the key)")
+        yield key, task
 
 
 def resize(sample: Sample, height: int, width: int) -> Sample:
@@ -47,18 +55,9 @@ def resize(sample: Sample, height: int, width: int) -> Sample:
     if (h, w) == (height, width):
         return dict(sample)
     out = dict(sample)
-    image = sample["image"]
-    out["image"] = TF.resize(image, [height, width], antialias=True).clamp_(0.0, 1.0)
-    rows = _nearest_index(height, h, image.device)
-    cols = _nearest_index(width, w, image.device)
-    for key in ("semseg", "depth", "normals"):
-        if key in sample:
-            out[key] = sample[key].index_select(-2, rows).index_select(-1, cols)
-    if "normals" in out:
-        n = out["normals"]
-        out["normals"] = n / n.norm(dim=0, keepdim=True).clamp_min(1e-12)
-    if "edges" in sample:
-        out["edges"] = F.adaptive_max_pool2d(sample["edges"][None], (height, width))[0]
+    out["image"] = TF.resize(sample["image"], [height, width], antialias=True).clamp_(0.0, 1.0)
+    for key, task in labels(sample):
+        out[key] = task.resize_label(sample[key], (height, width))
     if "K" in sample:
         out["K"] = resize_intrinsics(sample["K"], (h, w), (height, width))
     return out
@@ -73,14 +72,13 @@ def crop(sample: Sample, top: int, left: int, height: int, width: int) -> Sample
     dst_r = slice(src_r.start - top, src_r.stop - top)
     dst_c = slice(src_c.start - left, src_c.stop - left)
     inside = top >= 0 and left >= 0 and top + height <= h and left + width <= w
-    for key in _MAP_KEYS:
-        if key not in sample:
-            continue
+    fills = {"image": 0.0, **{key: task.fill_value for key, task in labels(sample)}}
+    for key, fill in fills.items():
         x = sample[key]
         if inside:
             out[key] = x[..., src_r, src_c]
             continue
-        new = torch.full((*x.shape[:-2], height, width), _FILL[key], dtype=x.dtype, device=x.device)
+        new = torch.full((*x.shape[:-2], height, width), fill, dtype=x.dtype, device=x.device)
         if src_r.stop > src_r.start and src_c.stop > src_c.start:
             new[..., dst_r, dst_c] = x[..., src_r, src_c]
         out[key] = new
@@ -90,16 +88,12 @@ def crop(sample: Sample, top: int, left: int, height: int, width: int) -> Sample
 
 
 def hflip(sample: Sample) -> Sample:
-    """Mirror left-right: maps flipped, normals' x negated, ``cx' = W - 1 - cx``."""
+    """Mirror left-right: every map flipped as its task says, ``cx' = W - 1 - cx``."""
     _, w = sample_size(sample)
     out = dict(sample)
-    for key in _MAP_KEYS:
-        if key in sample:
-            out[key] = sample[key].flip(-1)
-    if "normals" in out:
-        n = out["normals"].clone()
-        n[0] = -n[0]
-        out["normals"] = n
+    out["image"] = sample["image"].flip(-1)
+    for key, task in labels(sample):
+        out[key] = task.hflip_label(sample[key])
     if "K" in sample:
         out["K"] = hflip_intrinsics(sample["K"], w)
     return out

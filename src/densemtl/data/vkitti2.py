@@ -20,16 +20,16 @@ permutation of the sorted frame ids (or ``split_file``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 from torch import Tensor
 
-from .base import DenseDataset, LabelMap, Record, as_tensor_label
+from ..io import DataError, read_png, require_file
+from .base import DenseDataset, LabelMap, Reader, Record
 from .geometry import make_intrinsics
-from .io import DataError, read_png, require_file
-from .sample import Sample
 from .splits import random_split, split_from_file
 
 # (name, colour) in raw-id order; raw id 14 = Undefined
@@ -81,17 +81,12 @@ class VKITTI2Dataset(DenseDataset):
     """Virtual KITTI 2: 14 (or 8) classes, depth in cm, derived normals."""
 
     name = "vkitti2"
-    provides = ("semseg", "depth")
-    derives_normals = True
     splits = ("train", "val", "all")
 
     def __init__(
         self,
         root: str | Path,
-        split: str = "train",
-        tasks: Sequence[str] = ("semseg", "depth"),
-        transform: Callable[[Sample], Sample] | None = None,
-        *,
+        *args: Any,
         num_classes: int = 14,
         scenes: Sequence[str] | None = None,
         variants: Sequence[str] = ("15-deg-left",),
@@ -100,7 +95,7 @@ class VKITTI2Dataset(DenseDataset):
         val_fraction: float = 0.2,
         split_file: str | None = None,
         max_depth: float | None = None,
-        **policies,
+        **kwargs: Any,
     ):
         if num_classes not in CLASS_SETS:
             raise ValueError(f"VKITTI2 class sets: {sorted(CLASS_SETS)}; got {num_classes}")
@@ -121,7 +116,7 @@ class VKITTI2Dataset(DenseDataset):
         self.seed, self.val_fraction, self.split_file = seed, val_fraction, split_file
         self.max_depth = max_depth
         self._intrinsics: dict[Path, dict[tuple[int, int], tuple[float, ...]]] = {}
-        super().__init__(root, split, tasks, transform, **policies)
+        super().__init__(root, *args, **kwargs)
 
     # --- layout --------------------------------------------------------------------------------
     def _base(self, modality: str) -> Path | None:
@@ -234,19 +229,19 @@ class VKITTI2Dataset(DenseDataset):
         raw = np.where(match, self._order[pos], len(VKITTI2_COLOURS))
         return self.label_map(raw, path, self.unknown_labels)
 
-    def load_label(self, record: Record, task: str, image_hw: tuple[int, int]) -> Tensor:
-        path = record.files[task]
+    def _read_semseg(self, record: Record, image_hw: tuple[int, int]) -> np.ndarray:
+        path = record.files["semseg"]
+        return self.decode_colours(read_png(path), path)
+
+    def _read_depth(self, record: Record, image_hw: tuple[int, int]) -> np.ndarray:
+        path = record.files["depth"]
         raw = read_png(path)
-        if task == "semseg":
-            return as_tensor_label(task, self.decode_colours(raw, path))
-        if task == "depth":
-            if raw.ndim != 2 or raw.dtype != np.uint16:
-                raise DataError(
-                    f"{path}: depth must be a 16-bit single-channel PNG, "
-                    f"got {raw.dtype} {raw.shape}"
-                )
-            depth = raw.astype(np.float32) * 0.01
-            if self.max_depth is not None:
-                depth[depth >= self.max_depth] = 0.0
-            return as_tensor_label(task, depth)
-        raise KeyError(task)
+        if raw.ndim != 2 or raw.dtype != np.uint16:
+            raise DataError(
+                f"{path}: depth must be a 16-bit single-channel PNG, got {raw.dtype} {raw.shape}")
+        depth = raw.astype(np.float32) * 0.01
+        if self.max_depth is not None:
+            depth[depth >= self.max_depth] = 0.0
+        return depth
+
+    readers: ClassVar[Mapping[str, Reader]] = {"semseg": _read_semseg, "depth": _read_depth}

@@ -3,7 +3,7 @@
 from .baselines import DeepLabMTL, PADNet, PADNetPlus
 from .checkpoint import load_model, save_model
 from .densemtl import DenseMTL, HardSharing, MultiTaskNet
-from .registry import ARCHS, build_model, read_model_config
+from .registry import ARCHS, build_model, read_model_config, register_arch
 
 __all__ = [
     "ARCHS",
@@ -16,5 +16,6 @@ __all__ = [
     "build_model",
     "load_model",
     "read_model_config",
+    "register_arch",
     "save_model",
 ]

@@ -23,7 +23,8 @@ class DeepLabMTL(MultiTaskNet):
     """Shared encoder + one DeepLab head per task on the deepest feature (hard sharing).
 
     With one task this is the paper's STL baseline. Outputs are upsampled bilinearly
-    (align_corners=False) from stride 16 to the image size and returned as scale 0.
+    (align_corners=False) from the deepest feature's stride (16 for the dilated ResNets) to the
+    image size and returned as scale 0.
     """
 
     def __init__(
@@ -34,14 +35,15 @@ class DeepLabMTL(MultiTaskNet):
     ) -> None:
         super().__init__(tasks)
         self.encoder = build_encoder(**(encoder or {}))
-        cin = self.encoder.channels[4]
+        cin = self.encoder.channels[-1]
         self.heads = nn.ModuleDict(
             {t: DeepLabHead(cin, ch, aspp_rates) for t, ch in self.tasks.items()})
 
     def forward(self, image: Tensor) -> Outputs:
-        f4 = self.encoder(image)[4]
+        deepest = self.encoder(image)[-1]
         size = image.shape[-2:]
-        return {t: {0: F.interpolate(head(f4), size=size, mode="bilinear", align_corners=False)}
+        return {t: {0: F.interpolate(head(deepest), size=size, mode="bilinear",
+                                     align_corners=False)}
                 for t, head in self.heads.items()}
 
 
@@ -60,7 +62,8 @@ class SADistillation(nn.Module):
 
 
 class PADNetPlus(DenseMTL):
-    """PAD-Net+: padnet+ decoders with PAD-Net distillation after level 2 (H/4), as the paper.
+    """PAD-Net+: padnet+ decoders with PAD-Net distillation after level 2 (H/4 for the ResNets),
+    as the paper.
 
     Both supervised scales (1 and 0) come after the distillation.
     """
@@ -90,10 +93,11 @@ def _bottleneck_pair(cin: int, width: int) -> nn.Sequential:
 class PADNet(MultiTaskNet):
     """PAD-Net (Xu et al. 2018) on the deepest feature, as in the paper's comparison.
 
-    Per task: two Bottlenecks (2048 -> 256) and a 1x1 conv give an intermediate prediction at
+    Per task: two Bottlenecks (e.g. 2048 -> 256) and a 1x1 conv give an intermediate prediction at
     the encoder's output stride; distillation adds SA-gated features of the other tasks; two
     more Bottlenecks and a 1x1 conv give the final prediction, upsampled to the image size.
-    Outputs: scale 0 (final) and scale log2(stride) (intermediate, 4 for stride 16).
+    Outputs: scale 0 (final) and scale round(log2(stride)) of the deepest feature
+    (intermediate; 4 for stride 16), at least 1.
     """
 
     def __init__(
@@ -104,8 +108,8 @@ class PADNet(MultiTaskNet):
     ) -> None:
         super().__init__(tasks)
         self.encoder = build_encoder(**(encoder or {}))
-        cin = self.encoder.channels[4]
-        self.inter_scale = int(math.log2(self.encoder.strides[4]))
+        cin = self.encoder.channels[-1]
+        self.inter_scale = max(1, round(math.log2(self.encoder.reductions[-1])))
         self.initial = nn.ModuleDict({t: _bottleneck_pair(cin, width) for t in self.tasks})
         self.initial_out = nn.ModuleDict(
             {t: nn.Conv2d(width, ch, 1) for t, ch in self.tasks.items()})
@@ -116,8 +120,8 @@ class PADNet(MultiTaskNet):
             for t, ch in self.tasks.items()})
 
     def forward(self, image: Tensor) -> Outputs:
-        f4 = self.encoder(image)[4]
-        feats = {t: block(f4) for t, block in self.initial.items()}
+        deepest = self.encoder(image)[-1]
+        feats = {t: block(deepest) for t, block in self.initial.items()}
         out: Outputs = {t: {self.inter_scale: self.initial_out[t](f)} for t, f in feats.items()}
         if self.distill is not None:
             feats = self.distill(feats)

@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..io import save_torch
 from .densemtl import MultiTaskNet
 from .registry import build_model
 
 FORMAT = "densemtl-model"
 LIGHTNING_PREFIX = "net."  # attribute name of the network inside the LightningModule
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(model: MultiTaskNet, path: str | Path, **extra: Any) -> None:
@@ -38,8 +23,8 @@ def save_model(model: MultiTaskNet, path: str | Path, **extra: Any) -> None:
     palette = getattr(model, "palette", None)
     meta = {"class_names": getattr(model, "class_names", None),
             "palette": None if palette is None else np.asarray(palette).tolist()}
-    atomic_save({"format": FORMAT, "config": model.config, "state_dict": model.state_dict(),
-                 "densemtl": meta, **extra}, path)
+    save_torch(path, {"format": FORMAT, "config": model.config, "state_dict": model.state_dict(),
+                 "densemtl": meta, **extra})
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> MultiTaskNet:

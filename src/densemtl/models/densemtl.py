@@ -9,21 +9,21 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..tasks import TASKS
+from ..tasks import get_task
 from .encoders import build_encoder
-from .heads import TaskDecoder
+from .heads import TaskDecoder, resolve_num_ch_dec
 from .xtam import ExchangeBlock
 
 Outputs = dict[str, dict[int, Tensor]]
 
 
-def decoder_sections(stages: Sequence[int]) -> list[list[int]]:
-    """Split the decoder levels 4..0 after each stage: [1] -> [[4, 3, 2, 1], [0]]."""
+def decoder_sections(stages: Sequence[int], levels: int = 5) -> list[list[int]]:
+    """Split the decoder levels L-1..0 after each stage: [1] -> [[4, 3, 2, 1], [0]] (L = 5)."""
     stages = sorted({int(s) for s in stages}, reverse=True)
-    if any(s not in range(5) for s in stages):
-        raise ValueError(f"exchange stages must be decoder levels in 0..4, got {stages}")
+    if any(s not in range(levels) for s in stages):
+        raise ValueError(f"exchange stages must be decoder levels in 0..{levels - 1}, got {stages}")
     sections, current = [], []
-    for level in range(4, -1, -1):
+    for level in range(levels - 1, -1, -1):
         current.append(level)
         if level in stages:
             sections.append(current)
@@ -31,6 +31,12 @@ def decoder_sections(stages: Sequence[int]) -> list[list[int]]:
     if current:
         sections.append(current)
     return sections
+
+
+def level_strides(reductions: Sequence[int]) -> list[int]:
+    """Stride of each decoder level's output: level 0 at the image (1), level i > 0 at the
+    resolution of encoder feature i-1."""
+    return [1, *(int(r) for r in reductions[:-1])]
 
 
 class MultiTaskNet(nn.Module):
@@ -62,24 +68,28 @@ class MultiTaskNet(nn.Module):
             out = self(image)
         finally:
             self.train(was_training)
-        pred = {t: TASKS[t].decode(out[t][0].float()) for t in self.tasks}
+        pred = {t: get_task(t).decode(out[t][0].float()) for t in self.tasks}
         return {t: p[0] for t, p in pred.items()} if squeeze else pred
 
 
 class DenseMTL(MultiTaskNet):
     """The paper's model, with every ablation as a switch.
 
-    encoder -> decoder section 1 (levels 4..1) -> mTEB at ``stages`` -> section 2 (level 0).
-    ``forward(image)`` returns raw head outputs ``{task: {scale: tensor}}``: with the defaults
-    scale 1 (H/2, before the exchange) and scale 0 (H, after it). Depth is the official
-    parametrisation 65536 / (100 D + 1); use ``predict`` for physical units.
+    encoder -> decoder section 1 (levels L-1..1) -> mTEB at ``stages`` -> section 2 (level 0).
+    ``forward(image)`` returns raw head outputs ``{task: {scale: tensor}}``, scale s being
+    decoder level s: with the defaults scale 1 (before the exchange; H/2 for the ResNets) and
+    scale 0 (H, after it). Depth is the official parametrisation 65536 / (100 D + 1); use
+    ``predict`` for physical units.
 
     Args:
         tasks: ordered ``{task: output channels}``; the order fixes the fusion order.
-        encoder: ``build_encoder`` options (name, pretrained, dilated, normalisation).
-        decoder: ``TaskDecoder`` options (num_ch_dec, scales, aspp, aspp_rates, ...).
-        exchange: ``stages`` (decoder levels after which an mTEB runs), ``attn_stride`` (the
-            stride at which SxTAM attends, 8 as the paper), ``fusion``, ``source_order``
+        encoder: ``build_encoder`` options (name, pretrained, dilated, normalisation,
+            out_indices, options); any number L of feature levels.
+        decoder: ``TaskDecoder`` options (num_ch_dec with L entries, scales, aspp, ...).
+        exchange: ``stages`` (decoder levels in 0..L-1 after which an mTEB runs),
+            ``attn_stride`` (the stride at which SxTAM attends, 8 as the paper: its downsample
+            is attn_stride / the stride of that level's output, at least 1), ``fusion``,
+            ``source_order``
             ({target: [sources...]}) and the xTAM switches ``sa``, ``sxtam``, ``cxtam``,
             ``alpha``, ``full_sa``, ``split``, ``attention`` ("sdpa" or "explicit"), and
             ``batched`` (compute the task pairs together; ``false`` loops, as the official code),
@@ -102,8 +112,12 @@ class DenseMTL(MultiTaskNet):
         super().__init__(tasks)
         self.encoder = build_encoder(**(encoder or {}))
         enc = list(self.encoder.channels)
+        levels = len(enc)
+        decoder = dict(decoder or {})
+        decoder["num_ch_dec"] = resolve_num_ch_dec(
+            decoder.get("num_ch_dec"), levels, f"encoder '{self.encoder.name}'")
         self.decoders = nn.ModuleDict(
-            {t: TaskDecoder(enc, ch, **(decoder or {})) for t, ch in self.tasks.items()})
+            {t: TaskDecoder(enc, ch, **decoder) for t, ch in self.tasks.items()})
         opts = {**self.default_exchange, **(exchange or {})}
         unknown = set(opts) - set(self.default_exchange)
         if unknown:
@@ -118,12 +132,13 @@ class DenseMTL(MultiTaskNet):
         if len(self.tasks) < 2 or not (opts["sa"] or opts["sxtam"] or opts["cxtam"]):
             stages = []  # nothing to exchange: plain hard sharing (the official "no_distil")
         attn_stride = int(opts.pop("attn_stride"))
-        self.sections = decoder_sections(stages)
+        self.sections = decoder_sections(stages, levels)
         self.stages = sorted(set(stages), reverse=True)
-        num_ch_dec = next(iter(self.decoders.values())).num_ch_dec
-        # Decoder level i is at stride 2^i; SxTAM attends at stride ``attn_stride``.
+        num_ch_dec = decoder["num_ch_dec"]
+        # SxTAM attends at stride ``attn_stride``; level s's output is at stride strides[s].
+        strides = level_strides(self.encoder.reductions)
         self.exchange = nn.ModuleDict({
-            str(s): self.build_exchange(num_ch_dec[s], max(1, attn_stride // 2**s), opts)
+            str(s): self.build_exchange(num_ch_dec[s], max(1, attn_stride // strides[s]), opts)
             for s in self.stages})
 
     def build_exchange(self, channels: int, downsample: int, opts: dict[str, Any]) -> nn.Module:

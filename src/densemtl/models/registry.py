@@ -23,6 +23,17 @@ ARCHS: dict[str, Callable[..., MultiTaskNet]] = {
 }
 
 
+def register_arch(name: str, builder: Callable[..., MultiTaskNet], *,
+                  replace: bool = False) -> None:
+    """Make ``builder(tasks, **network options)`` available as ``network.arch: name``."""
+    if not callable(builder):
+        raise TypeError(f"register_arch expects a class or function, got {builder!r}")
+    if name in ARCHS and ARCHS[name] is not builder and not replace:
+        raise ValueError(f"an arch named '{name}' is already registered "
+                         "(pass replace=True to replace it)")
+    ARCHS[name] = builder
+
+
 def build_model(config: Mapping[str, Any], pretrained: bool | None = None) -> MultiTaskNet:
     """Build a model from ``{"tasks": {...}, "network": {"arch": name, ...options}}``.
 

@@ -9,12 +9,12 @@ adds ``metrics.json`` and ``report.md``. ``--ckpt_path last`` resumes exactly.
 from __future__ import annotations
 
 import csv
+import importlib
 import os
-import tempfile
+import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -24,6 +24,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
+
+from ..io import save_torch
 
 
 class LastAndBestCheckpoint(ModelCheckpoint):
@@ -56,18 +58,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path,
                         storage_options: Any | None = None) -> None:
-        path = Path(path)
         if get_filesystem(str(path)).protocol not in ("file", ("file", "local")):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_torch(path, checkpoint)
         return None
 
 
@@ -97,6 +90,10 @@ class DenseCLI(LightningCLI):
     """LightningCLI with densemtl's run-folder layout, checkpointing and loggers."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--imports", type=list[str], default=[],
+            help="Python modules to import before anything is built: modules that register "
+                 "your own tasks (register_task) or datasets (register_dataset)")
         # The tasks are declared once, in the model; the data module loads exactly those.
         parser.link_arguments("model.init_args.tasks", "data.init_args.tasks",
                               compute_fn=lambda tasks: list(tasks))
@@ -109,6 +106,16 @@ class DenseCLI(LightningCLI):
             "checkpoint.filename": "best-step{step:07d}",
             "checkpoint.auto_insert_metric_name": False,
         })
+
+    def before_instantiate_classes(self) -> None:
+        names = self._get(self.config, "imports", default=None) or []
+        if names and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # a module next to the config, as with python -m
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                raise SystemExit(f"densemtl: imports: cannot import '{name}': {exc}") from None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})

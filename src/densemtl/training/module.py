@@ -1,46 +1,28 @@
-"""``MultiTaskModule``: the LightningModule that trains and evaluates any registry model."""
+"""``MultiTaskModule``: the LightningModule that trains and evaluates any registry model.
+
+It does the training and evaluation steps only; scoring is a :class:`~.scoring.Scorer`, and run
+files (metrics JSON, prediction grids, the test report) and checkpoint extras are callbacks
+(:mod:`.callbacks`) that :meth:`MultiTaskModule.configure_callbacks` adds to any trainer.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch import Callback
 from torch import Tensor
 
 from ..losses import MultiTaskLoss
-from ..metrics import MultiTaskMetrics, delta_m, load_baselines
+from ..metrics import MultiTaskMetrics
 from ..models import build_model
 from ..models.densemtl import MultiTaskNet
-from ..tasks import TASKS
+from .callbacks import DatasetInfo, EvaluationWriter, PredictionGrid, RandomState, ReportWriter
 from .optim import build_optimizer, build_scheduler
-from .report import ConstantPredictor
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically (temporary file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _floats(values: Mapping[str, Tensor | float]) -> dict[str, float]:
-    return {k: float(v) for k, v in values.items()}
+from .scoring import Scorer
 
 
 class MultiTaskModule(L.LightningModule):
@@ -58,9 +40,12 @@ class MultiTaskModule(L.LightningModule):
         baseline_runs: run folders (or metrics.json files) of single-task runs; their results
             are used for the metrics not given in ``baselines``.
         channels_last: train in the channels_last memory format.
-        grid_samples: samples shown in the prediction grid written at each validation.
+        grid_samples: samples shown in the prediction grid written at each evaluation (0: none).
         constant_fit_batches: training batches used to fit the constant predictor whose scores
             ``test`` reports next to the model's (0: no constant predictor).
+
+    After each evaluation, ``results[stage]`` holds the flat metrics with ``delta_m`` / ``score``;
+    ``val/score`` (higher is better) is what checkpoints are selected by.
     """
 
     def __init__(
@@ -82,103 +67,73 @@ class MultiTaskModule(L.LightningModule):
         self.net: MultiTaskNet = build_model({"tasks": tasks, "network": network})
         self.task_names = list(self.net.tasks)
         self.criterion = MultiTaskLoss(self.task_names, **(loss or {}))
-        self.val_metrics = MultiTaskMetrics(self.net.tasks, metrics)
-        self.test_metrics = MultiTaskMetrics(self.net.tasks, metrics)
-        self.constant_metrics = MultiTaskMetrics(self.net.tasks, metrics)
-        self.constant_fit_batches = constant_fit_batches
-        self.constant: ConstantPredictor | None = None
-        self.constant_values: dict[str, Any] | None = None
-        self.constant_scores: dict[str, float] | None = None
+        self.metric_options = dict(metrics or {})
+        self.val_metrics = MultiTaskMetrics(self.net.tasks, self.metric_options)
+        self.test_metrics = MultiTaskMetrics(self.net.tasks, self.metric_options)
+        self.scorer = Scorer(self.task_names, baselines, baseline_runs)
         self.optimizer_cfg = dict(optimizer or {"name": "adam", "lr": 1e-4})
         self.scheduler_cfg = dict(scheduler or {"name": "none"})
-        self.baselines = dict(baselines or {})
-        self.baseline_runs = list(baseline_runs or [])
         self.channels_last = channels_last
         self.grid_samples = grid_samples
+        self.constant_fit_batches = constant_fit_batches
+        self.results: dict[str, dict[str, float]] = {}
+        self.checkpoint_step: int | None = None
         self._epoch_losses: dict[str, list[Tensor]] = {}
         self._run_dir = Path(".")
-        self._warned_baselines = False
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
 
-    # --- helpers ------------------------------------------------------------------------------
+    def configure_callbacks(self) -> list[Callback]:
+        callbacks: list[Callback] = [EvaluationWriter(), ReportWriter(self.constant_fit_batches),
+                                     RandomState(), DatasetInfo()]
+        if self.grid_samples > 0:
+            callbacks.append(PredictionGrid(self.grid_samples))
+        return callbacks
 
     def setup(self, stage: str) -> None:
         # ``trainer.log_dir`` is a collective under DDP: read it here, on every process.
-        trainer = self.trainer
-        self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
     @property
     def run_dir(self) -> Path:
         """The run folder (``trainer.default_root_dir`` with densemtl's loggers)."""
         return self._run_dir
 
+    @property
+    def evaluated_step(self) -> int:
+        """The training step of the weights being evaluated: the trainer's while fitting, the
+        checkpoint's in ``validate`` / ``test`` (where Lightning's ``global_step`` stays 0)."""
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if fitting or self.checkpoint_step is None:
+            return int(self.global_step)
+        return self.checkpoint_step
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.checkpoint_step = int(checkpoint.get("global_step", 0))
+
     def forward(self, image: Tensor) -> dict[str, dict[int, Tensor]]:
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         return self.net(image)
 
-    def all_baselines(self) -> dict[str, float]:
-        """Config baselines, completed from ``baseline_runs`` (config values win).
-
-        Run folders without results yet (single-task runs not trained) are skipped with a
-        warning, so a multi-task run can start before its baselines exist.
-        """
-        found = [r for r in self.baseline_runs
-                 if (Path(r) / "metrics.json").is_file() or Path(r).is_file()]
-        missing = sorted(set(self.baseline_runs) - set(found))
-        if missing and not self._warned_baselines:
-            rank_zero_warn(f"delta_m: no results yet in baseline run(s) {missing} "
-                           "(train and test the single-task configs first)")
-            self._warned_baselines = True
-        merged = load_baselines(found) if found else {}
-        return {**_floats(merged), **_floats(self.baselines)}
-
-    def _score(self, values: dict[str, float]) -> dict[str, float]:
-        """Add delta_m (over the metrics that have a baseline) when baselines exist."""
-        base = self.all_baselines()
-        names = [n for n in base if n in values and math.isfinite(values[n])]
-        if names:
-            values["delta_m"] = delta_m(values, base, names)
-            values["score"] = values["delta_m"]
-        else:  # no baselines: the first task's main metric, signed so that higher is better
-            first = f"{self.task_names[0]}/{TASKS[self.task_names[0]].main_metric}"
-            sign = 1.0 if TASKS[self.task_names[0]].higher_is_better else -1.0
-            values["score"] = sign * values.get(first, float("nan"))
-        return values
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the dataset's class names and palette with the weights (for predict)."""
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        names = getattr(dm, "class_names", None)
-        palette = getattr(dm, "palette", None)
-        checkpoint["densemtl"] = {
-            "class_names": None if names is None else list(names),
-            "palette": None if palette is None else [list(map(int, c)) for c in palette],
-        }
-        # dropout draws continue where they stopped when the run is resumed
-        checkpoint["densemtl_rng"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            checkpoint["densemtl_rng"]["cuda"] = torch.cuda.get_rng_state_all()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.checkpoint_step = int(checkpoint.get("global_step", 0))
-        state = checkpoint.get("densemtl_rng") or {}
-        if "torch" in state:
-            torch.set_rng_state(state["torch"].cpu())
-        if "cuda" in state and torch.cuda.is_available():
-            with contextlib.suppress(RuntimeError):  # resumed on another number of GPUs
-                torch.cuda.set_rng_state_all(state["cuda"])
-
     # --- training -----------------------------------------------------------------------------
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        losses = self.criterion(self(batch["image"]), batch)
-        bs = batch["image"].shape[0]
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, on_step=True,
-                      on_epoch=False, batch_size=bs)
+    def supervised_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Forward and the multi-task loss of one labelled batch (logs nothing)."""
+        return self.criterion(self(batch["image"]), batch)
+
+    def log_training(self, losses: dict[str, Tensor], batch_size: int,
+                     extra: dict[str, Tensor] | None = None) -> None:
+        """Log the step's losses and keep the task losses for the epoch's DWA update."""
+        logs = {f"train/{k}": v.detach() for k, v in losses.items()}
+        logs.update(extra or {})
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
         for t in self.task_names:
             self._epoch_losses.setdefault(t, []).append(losses[t].detach())
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        losses = self.supervised_step(batch)
+        self.log_training(losses, batch["image"].shape[0])
         return losses["total"]
 
     def on_train_epoch_end(self) -> None:
@@ -201,90 +156,31 @@ class MultiTaskModule(L.LightningModule):
 
     # --- evaluation ---------------------------------------------------------------------------
 
-    def _eval_step(self, batch: dict[str, Any], metrics: MultiTaskMetrics, stage: str,
-                   batch_idx: int) -> None:
+    def _eval_step(self, batch: dict[str, Any], metrics: MultiTaskMetrics,
+                   stage: str) -> dict[str, dict[int, Tensor]]:
         out = self(batch["image"])
         metrics.update(out, batch)
         losses = self.criterion(out, batch)
         self.log(f"{stage}/loss", losses["total"], on_step=False, on_epoch=True,
                  batch_size=batch["image"].shape[0], sync_dist=True)
-        if batch_idx == 0 and self.grid_samples > 0 and self.trainer.is_global_zero:
-            self._write_grid(batch, out, stage)
+        return out  # for the callbacks (prediction grid)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, "val", batch_idx)
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, self.val_metrics, "val")
 
-    def on_test_start(self) -> None:
-        """Fit the constant predictor on (up to ``constant_fit_batches``) training batches."""
-        self.constant = self.constant_values = self.constant_scores = None
-        dm = self.trainer.datamodule
-        if self.constant_fit_batches <= 0 or dm is None:
-            return
-        try:
-            dm.setup("fit")
-            loader = dm.train_dataloader()
-        except Exception as exc:  # no training split: report without the trivial rows
-            self.print(f"constant predictor skipped: {exc}")
-            return
-        batches = (b.get("source", b)
-                   for _, b in zip(range(self.constant_fit_batches), loader))
-        self.constant = ConstantPredictor(self.net.tasks).fit(batches)
-        self.constant_values = self.constant.values()
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, self.test_metrics, "test")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, "test", batch_idx)
-        if self.constant is not None:
-            b, _, h, w = batch["image"].shape
-            self.constant_metrics.update(self.constant.outputs(b, h, w, self.device), batch)
-
-    @property
-    def evaluated_step(self) -> int:
-        """The training step of the weights being evaluated: the trainer's while fitting, the
-        checkpoint's in ``validate`` / ``test`` (where Lightning's ``global_step`` stays 0)."""
-        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
-        ckpt_step = getattr(self, "checkpoint_step", None)
-        return int(self.global_step if fitting or ckpt_step is None else ckpt_step)
-
-    def _finish(self, metrics: MultiTaskMetrics, stage: str) -> dict[str, float]:
-        values = self._score(_floats(metrics.compute()))
+    def _finish(self, metrics: MultiTaskMetrics, stage: str) -> None:
+        values = self.scorer.score({k: float(v) for k, v in metrics.compute().items()})
         metrics.reset()
-        loggable = {f"{stage}/{k}": v for k, v in values.items() if math.isfinite(v)}
-        self.log_dict(loggable, sync_dist=False)
-        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            step = self.evaluated_step
-            payload = {"stage": stage, "step": step,
-                       "epoch": int(self.current_epoch), "metrics": values}
-            name = f"{stage}-step{step:07d}.json"
-            write_json(self.run_dir / "metrics" / name, payload)
-            write_json(self.run_dir / "metrics" / f"{stage}-last.json", payload)
-        return values
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items() if math.isfinite(v)},
+                      sync_dist=False)
+        if not self.trainer.sanity_checking:
+            self.results[stage] = values
 
     def on_validation_epoch_end(self) -> None:
         self._finish(self.val_metrics, "val")
 
     def on_test_epoch_end(self) -> None:
-        if self.constant is not None:
-            self.constant_scores = self._score(_floats(self.constant_metrics.compute()))
-            self.constant_metrics.reset()
-        values = self._finish(self.test_metrics, "test")
-        if self.trainer.is_global_zero:
-            from .report import write_test_outputs
-
-            write_test_outputs(self, values)
-
-    def _write_grid(self, batch: dict[str, Any], out: dict[str, dict[int, Tensor]],
-                    stage: str) -> None:
-        from ..viz import prediction_grid, save_png
-
-        if self.trainer.sanity_checking:
-            return
-        n = min(self.grid_samples, batch["image"].shape[0])
-        preds, targets = {}, {}
-        for t in self.task_names:
-            preds[t] = TASKS[t].decode(out[t][0][:n].float()).cpu().numpy()
-            key = TASKS[t].label_key
-            if key in batch:
-                targets[t] = batch[key][:n].cpu().numpy()
-        palette = getattr(self.trainer.datamodule, "palette", None)
-        rgb = prediction_grid(batch["image"][:n].float().cpu().numpy(), preds, targets, palette)
-        save_png(self.run_dir / "grids" / f"{stage}-step{self.global_step:07d}.png", rgb)
+        self._finish(self.test_metrics, "test")

@@ -2,8 +2,9 @@
 
 ``densemtl predict --ckpt CKPT --input DIR_OR_FILE --output DIR`` writes, for every image
 ``<rel>/<name>.<ext>`` under the input, ``<output>/<rel>/<name>_<task>.png`` (colourised) and
-``<output>/<rel>/<name>_<task>.npy`` (physical units: class ids uint8/int16, depth metres
-float32 [H,W], unit normals float32 [3,H,W], edge probability float32 [H,W]).
+``<output>/<rel>/<name>_<task>.npy`` (what each task saves, in physical units: class ids
+uint8/int16, depth metres float32 [H,W], unit normals float32 [3,H,W], edge probability float32
+[H,W]).
 With ``--config`` instead, the LightningCLI ``predict`` subcommand runs.
 """
 
@@ -18,10 +19,10 @@ import numpy as np
 import torch
 
 from ..data.folder import IMAGE_EXTENSIONS
-from ..data.io import DataError, read_rgb, save_npy
+from ..io import DataError, read_rgb, save_npy, save_png
 from ..models import load_model
 from ..models.densemtl import MultiTaskNet
-from ..viz import colourise, default_palette, save_png
+from ..tasks import get_task
 
 
 def list_inputs(path: Path, exclude: Path | None = None) -> list[tuple[Path, Path]]:
@@ -42,20 +43,11 @@ def list_inputs(path: Path, exclude: Path | None = None) -> list[tuple[Path, Pat
     return files
 
 
-def _as_array(task: str, value: torch.Tensor) -> np.ndarray:
-    arr = value.cpu().numpy()
-    if task == "semseg":
-        return arr.astype(np.uint8 if arr.max(initial=0) < 256 else np.int16)
-    return arr[0] if task in ("depth", "edges") else arr
-
-
 def predict_files(model: MultiTaskNet, files: list[tuple[Path, Path]], output: Path,
                   device: torch.device, skip_unreadable: bool = False,
                   palette: np.ndarray | None = None) -> Iterator[tuple[Path, list[Path]]]:
     """Predict each file; yields (input, written files). Raises on unreadable input unless told."""
     inputs = {f.resolve() for f, _ in files}
-    if palette is None and "semseg" in model.tasks:
-        palette = default_palette(model.tasks["semseg"])
     for path, rel in files:
         try:
             rgb = read_rgb(path)
@@ -69,12 +61,13 @@ def predict_files(model: MultiTaskNet, files: list[tuple[Path, Path]], output: P
         pred = model.predict(image.to(device))
         written = []
         stem = output / rel.parent / rel.stem
-        for task, value in pred.items():
-            arr = _as_array(task, value)
+        for name, value in pred.items():
+            task = get_task(name)
+            arr = task.to_array(value)
             for suffix, write in (
                     (".npy", lambda p, a=arr: save_npy(p, a)),
-                    (".png", lambda p, t=task, a=arr: save_png(p, colourise(t, a, palette)))):
-                target = stem.parent / f"{stem.name}_{task}{suffix}"
+                    (".png", lambda p, t=task, a=arr: save_png(p, t.colourise(a, palette)))):
+                target = stem.parent / f"{stem.name}_{name}{suffix}"
                 if target.resolve() in inputs:
                     raise FileExistsError(f"refusing to overwrite the input {target}")
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,22 +1,16 @@
-"""Test outputs: ``metrics.json`` and ``report.md`` with trivial-predictor rows for scale."""
+"""The test report's pieces: the constant predictor (its "trivial" rows) and the Markdown."""
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..metrics import higher_is_better
-from ..tasks import TASKS
-
-if TYPE_CHECKING:
-    from .module import MultiTaskModule
+from ..tasks import get_task
 
 
 class ConstantPredictor:
@@ -36,34 +30,23 @@ class ConstantPredictor:
         for batch in batches:
             self.samples += int(batch["image"].shape[0])
             for task, channels in self.tasks.items():
-                key = TASKS[task].label_key
+                key = get_task(task).label_key
                 if key not in batch:
                     continue
                 has = batch.get(f"has_{key}")
                 label = (batch[key] if has is None else batch[key][has]).detach().cpu()
-                stats = TASKS[task].label_stats(label, channels)
+                stats = get_task(task).label_stats(label, channels)
                 self.stats[task] = self.stats[task] + stats if task in self.stats else stats
         return self
 
     def values(self) -> dict[str, Any]:
-        return {t: TASKS[t].constant(s) for t, s in self.stats.items()}
+        return {t: get_task(t).constant(s) for t, s in self.stats.items()}
 
     def outputs(self, batch: int, height: int, width: int,
                 device: torch.device) -> dict[str, dict[int, Tensor]]:
         """Raw head outputs (the model's parametrisation) of the constant prediction."""
-        return {t: {0: TASKS[t].constant_raw(s, self.tasks[t], (batch, height, width))
+        return {t: {0: get_task(t).constant_raw(s, self.tasks[t], (batch, height, width))
                     .to(device)} for t, s in self.stats.items()}
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fmt(value: float | None) -> str:
@@ -110,33 +93,3 @@ def render_report(values: Mapping[str, float], constant: Mapping[str, float] | N
 
         lines += [f"| {label(c)} | {_fmt(v)} |" for c, v in per_class.items()]
     return "\n".join(lines) + "\n"
-
-
-def write_test_outputs(module: MultiTaskModule, values: Mapping[str, float]) -> None:
-    """``metrics.json`` (flat ``{task/metric: value}``) and ``report.md`` in the run folder."""
-    from .module import write_json
-
-    run = module.run_dir
-    run.mkdir(parents=True, exist_ok=True)
-    constant = dict(module.constant_scores or {})
-    write_json(run / "metrics.json", {"metrics": dict(values),
-                                      "constant_predictor": constant,
-                                      "step": module.evaluated_step})
-    trainer = module.trainer
-    dm = trainer.datamodule
-    info = {
-        "run folder": str(run),
-        "checkpoint": str(getattr(trainer, "ckpt_path", None) or "(weights in memory)"),
-        "model": f"{module.net.config['network']['arch']}, tasks "
-                 f"{', '.join(module.task_names)}, "
-                 f"{sum(p.numel() for p in module.net.parameters()):,} parameters",
-        "data": f"{getattr(dm, 'dataset_name', type(dm).__name__)} "
-                f"({getattr(dm, 'splits', {}).get('test', 'test')} split)",
-        "constant predictor": str(module.constant_values or "not fitted (no training data)"),
-        "step": module.evaluated_step,
-    }
-    try:
-        names = list(dm.class_names) if dm is not None else None
-    except Exception:  # a data module without class names (e.g. an image folder)
-        names = None
-    _write_text(run / "report.md", render_report(values, constant, info, names))

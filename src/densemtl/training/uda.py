@@ -5,8 +5,10 @@ domain trains the network as usual, and for every aligned (task, scale) a patch 
 learns to tell source from target *domain maps* built from the network's predictions, while the
 network learns to make its target maps look like source ones.
 
-Domain maps (each prediction is first upsampled, bilinear with ``align_corners=True``, to its
-domain's input size, and built in fp32):
+Domain maps are declared by the tasks (``Task.domain_map``, with ``Task.domain_context`` for what
+the maps of one iteration share); each prediction is first upsampled, bilinear with
+``align_corners=True``, to its domain's input size, and the map is built in fp32. The built-in
+tasks' maps:
 
 * ``semseg``: the weighted self-information map ``-p_c log p_c / log C`` of the softmax
   (C channels, each in [0, 1/e/log C]);
@@ -37,7 +39,6 @@ source images only).
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -46,95 +47,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..losses import fp32_context, resize_to, unit_vectors
+from ..functional import fp32_context, resize_to
 from ..models.discriminator import PatchDiscriminator
-from ..tasks import depth_to_inverse
+from ..tasks import get_task
 from .module import MultiTaskModule
 from .optim import OPTIMIZERS, build_optimizer, build_scheduler
 
-__all__ = [
-    "SOURCE_LABEL",
-    "TARGET_LABEL",
-    "AdaptationModule",
-    "depth_map",
-    "domain_map",
-    "edges_map",
-    "entropy_map",
-    "map_channels",
-    "normals_map",
-    "source_depth_range",
-]
+__all__ = ["SOURCE_LABEL", "TARGET_LABEL", "AdaptationModule", "domain_map"]
 
 SOURCE_LABEL = 0.0
 TARGET_LABEL = 1.0
 
 
-# --- domain maps ----------------------------------------------------------------------------
-
-def entropy_map(logits: Tensor) -> Tensor:
-    """ADVENT weighted self-information ``-p_c log p_c / log C`` per class [B,C,H,W]."""
-    c = logits.shape[1]
-    log_p = F.log_softmax(logits, dim=1)
-    return -(log_p.exp() * log_p) / math.log(max(c, 2))
-
-
-def depth_map(pred: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """``(relu(pred) - lo) / (hi - lo)``: the predicted inverse depth in the source GT range."""
-    return (torch.relu(pred) - lo) / (hi - lo)
-
-
-def normals_map(pred: Tensor) -> Tensor:
-    """Unit normals [B,3,H,W] (zero vectors stay zero)."""
-    return unit_vectors(pred)
-
-
-def edges_map(pred: Tensor) -> Tensor:
-    """Edge probability [B,1,H,W] from a 1-channel (sigmoid) or 2-channel (softmax) head."""
-    if pred.shape[1] == 1:
-        return torch.sigmoid(pred)
-    return torch.softmax(pred, dim=1)[:, 1:2]
-
-
-def map_channels(task: str, out_channels: int) -> int:
-    """Channels of ``task``'s domain map for a head with ``out_channels`` outputs."""
-    return {"semseg": out_channels, "depth": 1, "normals": 3, "edges": 1}[task]
-
-
-def source_depth_range(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Min and max of the source batch's depth GT in the network's units (normalised inverse
-    depth), over valid pixels (``depth > 0``, finite, ``has_depth``); ``(0, 1)`` if none is
-    valid. Stays on the device (no host sync).
-    """
-    if "depth" not in batch:
-        raise KeyError("aligning depth needs the source batch's 'depth' labels")
-    depth = batch["depth"].float()
-    valid = (depth > 0) & torch.isfinite(depth)
-    has = batch.get("has_depth")
-    if has is not None:
-        valid &= has.to(device=depth.device, dtype=torch.bool).view(-1, *[1] * (depth.dim() - 1))
-    inv = depth_to_inverse(torch.where(valid, depth, torch.ones_like(depth)))
-    lo = torch.where(valid, inv, torch.full_like(inv, math.inf)).amin()
-    hi = torch.where(valid, inv, torch.full_like(inv, -math.inf)).amax()
-    ok = torch.isfinite(lo) & torch.isfinite(hi) & (hi > lo)
-    return torch.where(ok, lo, torch.zeros_like(lo)), torch.where(ok, hi, torch.ones_like(hi))
-
-
-def domain_map(task: str, pred: Tensor, size: Sequence[int],
-               depth_range: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """The discriminator input for ``task`` from raw output ``pred``, upsampled to ``size``."""
+def domain_map(task: str, pred: Tensor, size: Sequence[int], context: Any = None) -> Tensor:
+    """The discriminator input for ``task`` from raw output ``pred``: upsampled to ``size``
+    (bilinear, ``align_corners=True``), then the task's ``domain_map`` in fp32."""
     with fp32_context(pred.device):
-        pred = resize_to(pred.float(), size)
-        if task == "semseg":
-            return entropy_map(pred)
-        if task == "depth":
-            if depth_range is None:
-                raise ValueError("the depth map needs the source depth range")
-            return depth_map(pred, *depth_range)
-        if task == "normals":
-            return normals_map(pred)
-        if task == "edges":
-            return edges_map(pred)
-    raise KeyError(f"no domain map for task '{task}'")
+        return get_task(task).domain_map(resize_to(pred.float(), size), context)
 
 
 def _bce(logits: Tensor, label: float) -> Tensor:
@@ -152,7 +81,7 @@ class AdaptationModule(MultiTaskModule):
     ``{"source": batch, "target": batch}`` batches of ``AdaptationDataModule``. Only the target
     *images* are used.
 
-    Args (besides those of :class:`MultiTaskModule`):
+    Keyword arguments (every other one goes to :class:`MultiTaskModule`):
         lambda_adv: weight of the adversarial loss in the network's loss (paper 0.005);
             0 trains source only (no target forward, no discriminator updates).
         lambda_disc: weight of the discriminators' loss (paper: 1; the official code has the
@@ -171,12 +100,7 @@ class AdaptationModule(MultiTaskModule):
 
     def __init__(
         self,
-        tasks: dict[str, dict[str, int] | None],
-        network: dict[str, Any],
-        loss: dict[str, Any] | None = None,
-        metrics: dict[str, dict[str, Any]] | None = None,
-        optimizer: dict[str, Any] | None = None,
-        scheduler: dict[str, Any] | None = None,
+        *,
         lambda_adv: float = 0.005,
         lambda_disc: float = 1.0,
         align_tasks: list[str] | None = None,
@@ -186,14 +110,9 @@ class AdaptationModule(MultiTaskModule):
         discriminator_optimizer: dict[str, Any] | None = None,
         discriminator_scheduler: dict[str, Any] | None = None,
         clip_grad_norm: float | None = None,
-        baselines: dict[str, float] | None = None,
-        baseline_runs: list[str] | None = None,
-        channels_last: bool = False,
-        grid_samples: int = 4,
-        constant_fit_batches: int = 50,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(tasks, network, loss, metrics, optimizer, scheduler, baselines,
-                         baseline_runs, channels_last, grid_samples, constant_fit_batches)
+        super().__init__(**kwargs)
         self.automatic_optimization = False
         if lambda_adv < 0 or lambda_disc <= 0:
             raise ValueError(f"need lambda_adv >= 0 and lambda_disc > 0, got {lambda_adv}, "
@@ -215,8 +134,8 @@ class AdaptationModule(MultiTaskModule):
         self.disc_scheduler_cfg = dict(discriminator_scheduler or {"name": "poly", "power": 0.9})
         self.pairs = [(t, s) for s in self.align_scales for t in self.align_tasks]
         self.discriminators = nn.ModuleDict({
-            self.pair_key(t, s): PatchDiscriminator(map_channels(t, self.net.tasks[t]),
-                                                    **(discriminator or {}))
+            self.pair_key(t, s): PatchDiscriminator(
+                get_task(t).domain_channels(self.net.tasks[t]), **(discriminator or {}))
             for t, s in self.pairs
         })
         self._checked_outputs = False
@@ -273,8 +192,12 @@ class AdaptationModule(MultiTaskModule):
 
     # --- training -----------------------------------------------------------------------------
 
+    def domain_contexts(self, source: Mapping[str, Tensor]) -> dict[str, Any]:
+        """What each aligned task's maps share this iteration (e.g. the source depth range)."""
+        return {t: get_task(t).domain_context(source) for t in self.align_tasks}
+
     def domain_maps(self, outputs: Mapping[str, Mapping[int, Tensor]], size: Sequence[int],
-                    depth_range: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
+                    contexts: Mapping[str, Any]) -> dict[str, Tensor]:
         """``{pair_key: map}`` for every aligned (task, scale)."""
         if not self._checked_outputs:
             for t, s in self.pairs:
@@ -282,7 +205,7 @@ class AdaptationModule(MultiTaskModule):
                     raise KeyError(f"align_scales: the model outputs scales {sorted(outputs[t])}"
                                    f" for '{t}', not {s}")
             self._checked_outputs = True
-        return {self.pair_key(t, s): domain_map(t, outputs[t][s], size, depth_range)
+        return {self.pair_key(t, s): domain_map(t, outputs[t][s], size, contexts[t])
                 for t, s in self.pairs}
 
     def discriminate(self, maps: Mapping[str, Tensor], label: float) -> dict[str, Tensor]:
@@ -301,12 +224,11 @@ class AdaptationModule(MultiTaskModule):
             losses = self.criterion(src_out, src)
             g_loss = losses["total"]
             if adapting:
-                depth_range = (source_depth_range(src)
-                               if "depth" in self.align_tasks else None)
+                contexts = self.domain_contexts(src)
                 tgt_out = self(tgt["image"])
-                tgt_maps = self.domain_maps(tgt_out, tgt["image"].shape[-2:], depth_range)
+                tgt_maps = self.domain_maps(tgt_out, tgt["image"].shape[-2:], contexts)
                 with torch.no_grad():
-                    src_maps = self.domain_maps(src_out, src["image"].shape[-2:], depth_range)
+                    src_maps = self.domain_maps(src_out, src["image"].shape[-2:], contexts)
                 adv_terms = self.discriminate(tgt_maps, SOURCE_LABEL)
                 adv = torch.stack(list(adv_terms.values())).mean()
                 g_loss = g_loss + self.lambda_adv * adv
@@ -338,11 +260,7 @@ class AdaptationModule(MultiTaskModule):
             logs["train/disc_tgt"] = d_tgt_mean.detach()
         self._step_schedulers()
 
-        bs = src["image"].shape[0]
-        logs.update({f"train/{k}": v.detach() for k, v in losses.items()})
-        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=bs)
-        for t in self.task_names:
-            self._epoch_losses.setdefault(t, []).append(losses[t].detach())
+        self.log_training(losses, src["image"].shape[0], logs)
         return g_loss.detach()
 
 

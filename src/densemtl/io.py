@@ -1,10 +1,13 @@
-"""File reading and writing with errors that name the file.
+"""Every file densemtl reads or writes goes through here: readers whose errors name the file,
+one atomic write, PNG / JPEG / NPY / JSON / text / torch savers, and colour palettes.
 
 Readers return numpy arrays in the file's own bit depth. 16-bit PNGs are read with Pillow only
 (no OpenCV): grey ones natively, RGB/RGBA ones by decoding the file twice, once keeping the high
 and once the low byte of every sample (Pillow has no 16-bit colour mode, but its unpackers for
 both byte orders exist), which is exact. Writers are atomic: a temporary file in the target folder
-renamed over the target, so an interrupted run never leaves a half-written file behind.
+renamed over the target, so an interrupted run never leaves a half-written file behind. The
+temporary file is created like any new file (mode 0666 minus the umask), so what is written is
+as readable by colleagues as a file written with ``open``.
 """
 
 from __future__ import annotations
@@ -208,7 +211,55 @@ def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
     write_atomic(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
 
 
-def save_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON with sorted keys (deterministic)."""
-    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+def save_json(path: str | os.PathLike[str], obj: Any, sort_keys: bool = True) -> None:
+    """Atomically write ``obj`` as indented JSON (keys sorted unless ``sort_keys=False``)."""
+    data = (json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n").encode()
     write_atomic(path, lambda f: f.write(data))
+
+
+def save_text(path: str | os.PathLike[str], text: str) -> None:
+    """Atomically write UTF-8 text."""
+    data = text.encode("utf-8")
+    write_atomic(path, lambda f: f.write(data))
+
+
+def save_torch(path: str | os.PathLike[str], obj: Any) -> None:
+    """Atomically write ``obj`` with ``torch.save`` (checkpoints)."""
+    import torch
+
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+# --- colours ------------------------------------------------------------------------------------
+
+def palette(num_classes: int) -> np.ndarray:
+    """A deterministic, well-spread uint8 [C,3] palette: the bits of ``class + 1`` interleaved
+    over R, G and B from the most significant bit down (the PASCAL VOC scheme; class 0 is not
+    black)."""
+    out = np.zeros((num_classes, 3), dtype=np.uint8)
+    for i in range(num_classes):
+        c, r, g, b = i + 1, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        out[i] = (r, g, b)
+    return out
+
+
+# Anchors of a perceptually ordered dark-blue -> teal -> yellow -> red ramp (our own).
+_RAMP = np.array([
+    [48, 18, 59], [65, 69, 171], [70, 117, 237], [57, 162, 252], [27, 207, 212],
+    [36, 236, 166], [97, 252, 108], [164, 252, 59], [209, 232, 52], [243, 198, 58],
+    [254, 155, 45], [243, 99, 21], [217, 56, 6], [177, 25, 1], [122, 4, 3],
+], dtype=np.float32)
+
+
+def colour_ramp(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """float [H,W] -> uint8 [H,W,3] on a continuous colour ramp, ``lo`` dark blue, ``hi`` red."""
+    t = np.clip((np.asarray(values, np.float32) - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    t = t * (len(_RAMP) - 1)
+    i = np.minimum(t.astype(np.int64), len(_RAMP) - 2)
+    frac = (t - i)[..., None]
+    return (_RAMP[i] * (1 - frac) + _RAMP[i + 1] * frac).round().astype(np.uint8)
