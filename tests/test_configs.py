@@ -11,7 +11,7 @@ import yaml
 from lightning.pytorch import LightningDataModule
 
 from densemtl.data import AdaptationDataModule, DenseDataModule
-from densemtl.training import MultiTaskModule
+from densemtl.training import MultiTaskModule, SelfSupervisedDepthModule
 from densemtl.training.cli import DenseCLI, make_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +42,8 @@ def test_every_method_and_task_set_of_the_paper_exists():
         for task in ("semseg", "depth", "normals"):
             assert f"{dataset}/stl_{task}.yaml" in names
     assert {"nyudv2/densemtl_sdne.yaml", "nyudv2/stl_edges.yaml"} <= names
+    for dataset in ("cityscapes", "synthetic"):  # the semi-supervised depth setting
+        assert {f"{dataset}/sde_densemtl_sd.yaml", f"{dataset}/sde_mtl_sd.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", sorted(GENERATED), ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -67,6 +69,8 @@ def test_config_instantiates_model_and_data(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = yaml.safe_load(path.read_text())
     cfg["model"]["init_args"]["network"]["encoder"]["pretrained"] = False
+    if "pose_network" in cfg["model"]["init_args"]:  # the self-supervised depth setting
+        cfg["model"]["init_args"]["pose_network"]["pretrained"] = False
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     with torch.device("meta"):
         cli = make_cli(["--config", "config.yaml"], run=False)
@@ -84,3 +88,7 @@ def test_config_instantiates_model_and_data(path, tmp_path, monkeypatch):
     if expected is not None and is_paper:
         assert sum(p.numel() for p in model.net.parameters()) == expected
     assert cli.trainer.max_steps == cfg["trainer"]["max_steps"]
+    if "pose_network" in cfg["model"]["init_args"]:  # SDE: depth from video, no depth labels
+        assert isinstance(model, SelfSupervisedDepthModule) and model.depth_task == "disp"
+        assert data.frames == [-1, 1] and data.label_fraction == {"disp": 0.0}
+        assert model.photometric.scales == [0, 1, 2, 3]

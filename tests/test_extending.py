@@ -327,8 +327,9 @@ def test_the_new_dataset_reads_its_files_exactly(pngpairs, synthetic):
     ds = build_dataset("pngpairs", str(pngpairs), "train", ["semseg", "depth", "normals"],
                        validate=True)
     ref = build_dataset("synthetic", str(synthetic), "train", ["semseg", "depth"])
-    # normals derived from depth and K, and this file's foreground task from the classes
-    assert ds.available_tasks == ("semseg", "depth", "normals", "foreground")
+    # normals derived from depth and K, self-supervised depth scored on the depth label, and
+    # this file's foreground task from the classes
+    assert ds.available_tasks == ("semseg", "depth", "normals", "disp", "foreground")
     a, b = ds[0], ref[0]
     assert torch.equal(a["semseg"], b["semseg"])
     torch.testing.assert_close(a["depth"], b["depth"], atol=5e-4, rtol=0)  # millimetre PNG
@@ -360,3 +361,52 @@ def test_a_method_declared_in_this_file_builds_trains_and_round_trips(tmp_path):
     model.eval()
     for task, value in model.predict(x).items():
         assert torch.equal(value, loaded.predict(x)[task]), task
+
+
+def test_registration_refuses_broken_declarations():
+    from densemtl.tasks import get_task, unregister_task
+
+    class NoLoss(Task):
+        name = "noloss"
+        metric = ForegroundMetric
+        main_metric = "IoU"
+
+    with pytest.raises(TypeError, match="does not declare 'loss'"):
+        register_task(NoLoss())
+
+    class WrongLoss(ForegroundTask):
+        name = "wrongloss"
+        loss = torch.nn.L1Loss  # a torch loss, not a TaskLoss
+
+    with pytest.raises(TypeError, match="loss must be a TaskLoss subclass"):
+        register_task(WrongLoss())
+
+    class WrongMain(ForegroundTask):
+        name = "wrongmain"
+        main_metric = "mIoU"
+
+    with pytest.raises(KeyError, match="no metric 'mIoU'"):
+        register_task(WrongMain())
+
+    class SameName(ForegroundTask):
+        label_key = "other"
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_task(SameName())
+
+    class SameLabel(ForegroundTask):
+        name = "background"
+        label_key = "foreground"
+
+    with pytest.raises(ValueError, match="label key 'foreground' already belongs"):
+        register_task(SameLabel())
+    with pytest.raises(ValueError, match="register_task"):
+        get_task("background")
+    with pytest.raises(ValueError, match="already registered"):
+        register_dataset("nyudv2", PngPairsDataset)
+    with pytest.raises(TypeError, match="DenseDataset subclass"):
+        register_dataset("plain", dict)  # type: ignore[arg-type]
+    replaced = register_task(ForegroundTask(), replace=True)  # replacing is explicit
+    assert get_task("foreground") is replaced
+    with pytest.raises(KeyError):
+        unregister_task("background")

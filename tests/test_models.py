@@ -13,9 +13,10 @@ import torchvision.models as tvm
 from torch import nn
 
 from densemtl.models import build_model
+from densemtl.models.densemtl import DenseMTL
 from densemtl.models.encoders import PretrainedWeightsError, build_encoder
 from densemtl.models.heads import PooledBatchNorm2d
-from densemtl.models.xtam import SpatialCrossTaskAttention, attend
+from densemtl.models.xtam import XTAM, ExchangeBlock, SpatialCrossTaskAttention, attend
 from densemtl.tasks import depth_to_inverse
 
 from model_utils import (
@@ -28,6 +29,28 @@ from model_utils import (
     scalar_loss,
     tiny,
 )
+
+
+def assert_gradients(model: nn.Module, zero: tuple[str, ...] = ()) -> None:
+    """Every parameter has a finite gradient; those whose name contains one of ``zero`` must be
+    exactly zero, every other one must have a non-zero entry (an all-zero gradient fails)."""
+    nonfinite, dead, leaking = [], [], []
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        if not torch.isfinite(p.grad).all():
+            nonfinite.append(name)
+        expect_zero = any(z in name for z in zero)
+        if expect_zero and torch.count_nonzero(p.grad) > 0:
+            leaking.append(name)
+        elif not expect_zero and torch.count_nonzero(p.grad) == 0:
+            dead.append(name)
+    assert (nonfinite, dead, leaking) == ([], [], [])
+
+
+# At initialisation alpha = 0: SxTAM's output is an exact zero and its query, key and value
+# projections get exactly no gradient (alpha itself does).
+SXTAM_PROJECTIONS = (".sxtam.query.", ".sxtam.key.", ".sxtam.value.")
+
 
 # --- encoders --------------------------------------------------------------------------------
 
@@ -100,6 +123,7 @@ def test_output_shapes(tasks, channels):
         assert sorted(out[t]) == [0, 1]
         assert out[t][0].shape == (2, c, 64, 128)
         assert out[t][1].shape == (2, c, 32, 64)
+        assert all(torch.isfinite(y).all() and y.std() > 0 for y in out[t].values())
 
 
 def test_sdn_resnet18_paper_decoders_forward_backward():
@@ -109,7 +133,7 @@ def test_sdn_resnet18_paper_decoders_forward_backward():
     out = model(torch.rand(2, 3, 64, 128))
     scalar_loss(out).backward()
     assert out["normals"][0].shape == (2, 3, 64, 128)
-    assert all(p.grad is not None for p in model.parameters())
+    assert_gradients(model, zero=SXTAM_PROJECTIONS)
 
 
 def test_resnet101_sd_eval_128x256():
@@ -129,22 +153,24 @@ def test_any_input_size():
         out = model(torch.rand(1, 3, 70, 90))
     assert out["semseg"][0].shape[-2:] == (70, 90)
     assert out["depth"][1].shape[-2:] == (35, 45)
+    assert all(torch.isfinite(y).all() for t in out.values() for y in t.values())
 
 
 def test_attend_sdpa_matches_explicit():
     torch.manual_seed(0)
-    q = torch.randn(2, 16, 4, 6, requires_grad=True)
-    k = torch.randn(2, 16, 3, 5, requires_grad=True)
-    v = torch.randn(2, 16, 3, 5, requires_grad=True)
+    q = torch.randn(2, 3, 24, 16, requires_grad=True)  # [B, heads, tokens, C]
+    k = torch.randn(2, 3, 15, 16, requires_grad=True)
+    v = torch.randn(2, 3, 15, 16, requires_grad=True)
     a = attend(q, k, v, "sdpa")
     grads_a = torch.autograd.grad(a.square().sum(), (q, k, v))
     b = attend(q, k, v, "explicit")
     grads_b = torch.autograd.grad(b.square().sum(), (q, k, v))
-    # explicit reference by hand for one query position
-    w = torch.softmax(q[0, :, 1, 2] @ k[0].flatten(1) / 4.0, dim=0)
-    assert torch.allclose(b[0, :, 1, 2], v[0].flatten(1) @ w, atol=1e-6)
+    # explicit reference by hand for one query token of one head
+    w = torch.softmax(k[0, 2] @ q[0, 2, 7] / 4.0, dim=0)
+    assert torch.allclose(b[0, 2, 7], w @ v[0, 2], atol=1e-6)
     assert torch.allclose(a, b, atol=1e-5)
     for ga, gb in zip(grads_a, grads_b):
+        assert ga.abs().sum() > 0
         assert torch.allclose(ga, gb, atol=1e-5)
 
 
@@ -165,6 +191,7 @@ def test_model_sdpa_path_equals_explicit_path_with_gradients():
             assert torch.allclose(out_fast[t][s], out_ref[t][s], atol=1e-5)
     scalar_loss(out_fast).backward()
     scalar_loss(out_ref).backward()
+    assert_gradients(ref)  # randomised gates: every gradient flows
     ref_grads = dict(ref.named_parameters())
     for name, p in fast.named_parameters():
         assert torch.allclose(p.grad, ref_grads[name].grad, atol=1e-5), name
@@ -216,6 +243,7 @@ def test_checkpointed_exchange_equals_plain_and_saves_less():
     for t in out_p:
         for s in out_p[t]:
             torch.testing.assert_close(out_c[t][s], out_p[t][s])
+    assert_gradients(plain)  # randomised alphas: every gradient flows
     grads = dict(plain.named_parameters())
     for name, p in ckpt.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -227,16 +255,16 @@ def test_checkpointed_exchange_equals_plain_and_saves_less():
 
 
 def test_sxtam_alone_with_zero_alpha_is_dead_and_warned():
-    """SxTAM only + alpha 0: the pair branch gets exactly no gradient (found in the study)."""
+    """SxTAM only + alpha 0: the whole exchange block gets exactly no gradient (found in the
+    study): its output is f_t + post(0) with every ReLU at 0. Everything else trains."""
     with pytest.warns(UserWarning, match="never trains"):
         dead = tiny(exchange={"sa": False}).train()
-    scalar_loss(dead(torch.rand(2, 3, 64, 64))).backward()
-    alpha = dead.exchange["1"].pairs["semseg"]["depth"].sxtam.alpha
-    assert torch.count_nonzero(alpha.grad) == 0
+    x = torch.rand(2, 3, 64, 64)
+    scalar_loss(dead(x)).backward()
+    assert_gradients(dead, zero=("exchange.",))
     live = tiny(exchange={"sa": False, "alpha": False}).train()
-    scalar_loss(live(torch.rand(2, 3, 64, 64))).backward()
-    query = live.exchange["1"].pairs["semseg"]["depth"].sxtam.query[0].weight
-    assert query.grad.abs().sum() > 0
+    scalar_loss(live(x)).backward()
+    assert_gradients(live)
 
 
 def test_alpha_zero_makes_sxtam_exactly_zero():
@@ -263,16 +291,15 @@ def test_every_parameter_receives_a_gradient():
     torch.manual_seed(0)
     model = tiny(TASKS_SDNE, exchange={"cxtam": True})
     scalar_loss(model(torch.rand(2, 3, 64, 64))).backward()
-    grads = dict(model.named_parameters())
-    assert all(p.grad is not None for p in grads.values())
-    alphas = [n for n in grads if n.endswith("alpha")]
-    assert len(alphas) == 12 and all(grads[n].grad.abs().sum() > 0 for n in alphas)
+    # At initialisation (alpha = beta = 0) exactly the SxTAM projections get no gradient; the
+    # gates themselves do, so they open.
+    assert len([n for n, _ in model.named_parameters() if n.endswith("alpha")]) == 12
+    assert_gradients(model, zero=SXTAM_PROJECTIONS)
     # With non-zero gates every single parameter gets a non-zero gradient.
     model.zero_grad()
     randomise_(model)
     scalar_loss(model(torch.rand(2, 3, 64, 64))).backward()
-    dead = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
-    assert dead == []
+    assert_gradients(model)
 
 
 _ORDER_SCRIPT = textwrap.dedent("""
@@ -345,16 +372,39 @@ ABLATIONS = {
 }
 
 
-@pytest.mark.parametrize("switches", ABLATIONS.values(), ids=ABLATIONS.keys())
-def test_ablation_switches_build_and_run(switches):
+# Parameters with exactly zero gradient at initialisation (alpha = beta = 0). With a single
+# zero-initialised branch (SxTAM or CxTAM alone) the projection sees a constant 0, its ReLU
+# sits at 0 and the whole exchange block is dead; only SxTAM alone is warned about.
+DEAD_AT_INIT = {"sa_only": (), "no_alpha": (), "sxtam_only": ("exchange.",),
+                "cxtam_only": ("exchange.",)}
+
+
+@pytest.mark.parametrize(("name", "switches"), ABLATIONS.items(), ids=ABLATIONS.keys())
+def test_ablation_switches_build_and_run(name, switches):
     torch.manual_seed(0)
     model = tiny(exchange=switches)
-    stages = switches.get("stages", [1])
+    opts = {**DenseMTL.default_exchange, **switches}
+    stages = opts["stages"]
     assert sorted(model.exchange, reverse=True) == [str(s) for s in sorted(stages, reverse=True)]
+    for stage in stages:  # the switches reach every pair
+        block = model.exchange[str(stage)]
+        channels = SLIM[stage]
+        width = channels // 2 if opts["split"] else channels
+        assert block.fusion == opts["fusion"]
+        for pair in (p for sources in block.pairs.values() for p in sources.values()):
+            assert (pair.sa is not None, pair.sxtam is not None, pair.cxtam is not None) == (
+                opts["sa"], opts["sxtam"], opts["cxtam"])
+            assert pair.width == width and pair.extract[0].in_channels == channels
+            if pair.sa is not None:
+                assert pair.sa.feat.out_channels == (width if opts["full_sa"] else width // 2)
+            if pair.sxtam is not None:
+                assert pair.sxtam.attention == opts["attention"]
+                assert pair.sxtam.downsample == max(1, opts["attn_stride"] // 2**stage)
+                assert (pair.sxtam.alpha is not None) == opts["alpha"]
     out = model(torch.rand(2, 3, 64, 64))
     assert out["depth"][0].shape == (2, 1, 64, 64) and out["depth"][1].shape == (2, 1, 32, 32)
     scalar_loss(out).backward()
-    assert all(p.grad is not None for p in model.parameters())
+    assert_gradients(model, zero=DEAD_AT_INIT.get(name, SXTAM_PROJECTIONS))
 
 
 def test_stage_0_exchange_feeds_the_final_prediction():
@@ -395,25 +445,51 @@ def test_predict_returns_physical_units():
 
 
 def test_batch_one_training_keeps_eval_outputs():
+    """One image per batch: the ASPP pooling BatchNorm (one value per channel) trains with its
+    running statistics, so in training it outputs exactly its eval output and its statistics
+    stay untouched. The other BatchNorms (many positions per channel) do update theirs, so the
+    model's eval output changes, and only by them."""
     torch.manual_seed(0)
-    model = tiny()
+    model = randomise_(tiny())
     x = torch.rand(1, 3, 64, 64)
+    pooled = {n: m for n, m in model.named_modules() if isinstance(m, PooledBatchNorm2d)}
+    assert len(pooled) == 3  # one ASPP per task
     model.eval()
     with torch.no_grad():
-        ref = model(x)["semseg"][0]
-    pooled = [m for m in model.modules() if isinstance(m, PooledBatchNorm2d)]
-    stats = [(m.running_mean.clone(), m.running_var.clone()) for m in pooled]
+        ref = model(x)
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    seen = {}
+    hooks = [m.register_forward_hook(
+        lambda mod, args, out, n=n: seen.__setitem__(n, (args[0].detach(), out.detach())))
+        for n, m in pooled.items()]
     model.train()
     scalar_loss(model(x)).backward()  # the official ASPP raises here
-    for m, (mean, var) in zip(pooled, stats):
-        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+    for h in hooks:
+        h.remove()
+    assert_gradients(model)  # randomised gates: every gradient, the pooled BNs' included
+    for n, m in pooled.items():
+        inp, out = seen[n]
+        assert inp.shape[0] * inp.shape[2] * inp.shape[3] == 1
+        with torch.no_grad():
+            assert torch.equal(m.eval()(inp), out), n  # training output == eval output
+    changed = {n for n, b in model.named_buffers() if not torch.equal(b, before[n])}
+    assert not {n for n in changed if n.rsplit(".", 1)[0] in pooled}
+    assert any(n.startswith("encoder.") for n in changed)  # a real training step
+    model.eval()
+    with torch.no_grad():
+        after = model(x)
+        assert (after["semseg"][0] - ref["semseg"][0]).abs().max() > 1e-3
+        model.load_state_dict({n: before[n] for n in changed}, strict=False)
+        restored = model(x)
+    for t in ref:
+        for s in ref[t]:
+            assert torch.equal(restored[t][s], ref[t][s]), (t, s)
     # eval mode is plain BatchNorm: same output as an nn.BatchNorm2d with the same state
-    bn = pooled[0]
+    bn = next(iter(pooled.values()))
     plain = nn.BatchNorm2d(bn.num_features).eval()
     plain.load_state_dict(bn.state_dict())
     z = torch.randn(2, bn.num_features, 1, 1)
     assert torch.equal(bn.eval()(z), plain(z))
-    del ref
 
 
 # --- baselines and registry ------------------------------------------------------------------
@@ -437,7 +513,7 @@ def test_baselines_build_and_run(arch, network, scales):
         assert sorted(per_scale) == scales
         assert per_scale[0].shape == (2, model.tasks[t], 64, 64)
     scalar_loss(out).backward()
-    assert all(p.grad is not None for p in model.parameters())
+    assert_gradients(model)
 
 
 def test_padnet_plus_distils_after_level_2():
@@ -500,31 +576,128 @@ def test_fused_upsample_path_equals_reference_path(size, arch):
         return
     scalar_loss(out_fast).backward()
     scalar_loss(out_ref).backward()
+    assert_gradients(ref)
     ref_grads = dict(ref.named_parameters())
     for name, p in fast.named_parameters():
         assert torch.allclose(p.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4), name
 
 
-@pytest.mark.parametrize("switches", [{}, {"sa": False}, {"cxtam": True, "split": True},
-                                      {"attention": "explicit", "fusion": "concat"}],
-                         ids=["paper", "sxtam_only", "cxtam_split", "explicit_concat"])
-@pytest.mark.parametrize("stride", [8, 2])
+BATCHED_SWITCHES = {
+    "paper": {},
+    "sxtam_only": {"sa": False},
+    "cxtam_split": {"cxtam": True, "split": True},
+    "explicit_concat": {"attention": "explicit", "fusion": "concat"},
+    "prod_full_sa_no_alpha_order": {"fusion": "prod", "full_sa": True, "alpha": False,
+                                    "source_order": {"semseg": ["edges", "normals", "depth"]}},
+    "checkpoint": {"checkpoint": True},
+}
+
+
+@pytest.mark.parametrize("switches", BATCHED_SWITCHES.values(), ids=BATCHED_SWITCHES.keys())
+@pytest.mark.parametrize("stride", [8, 2], ids=["downsample4", "downsample1"])
 def test_batched_pairs_equal_the_pair_loop(switches, stride):
-    """Outputs, gradients and BatchNorm running statistics (train mode). Gradients only without
-    the max-pooling of the attention's key/value (stride 2): with it, the argmax among near-equal
-    ReLU-zero values flips with float rounding and reroutes a few gradients."""
+    """``batched`` (all pairs in one ``XTAM.run_pairs``) == the loop over pairs, in a training
+    step: outputs, the gradient of every parameter, BatchNorm running statistics and counters.
+
+    Compared in float64. In float32 the two paths round differently, and with downsample > 1
+    the max-pooling before key/value picks among near-equal values and the extractor's ReLU cuts
+    near 0: a rounding difference there reroutes a few gradients of everything upstream of
+    the extractor (encoder, decoders, extractors). In float64 that would need values within
+    ~1e-15 of each other, so every gradient is compared, tightly. The float32 eval-mode outputs
+    are compared too.
+    """
     torch.manual_seed(0)
     exchange = {**switches, "attn_stride": stride}
     fast = randomise_(tiny(TASKS_SDNE, exchange={**exchange, "batched": True}))
     ref = tiny(TASKS_SDNE, exchange={**exchange, "batched": False})
     ref.load_state_dict(fast.state_dict())
-    out_fast, out_ref = same_outputs(fast, ref, torch.rand(2, 3, 64, 64))
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        same_outputs(fast.eval(), ref.eval(), x)
+    fast, ref = fast.double().train(), ref.double().train()
+    out_fast, out_ref = same_outputs(fast, ref, x.double(), atol=1e-12, rtol=1e-9)
     scalar_loss(out_fast).backward()
     scalar_loss(out_ref).backward()
+    # Every gradient flows (randomised gates), so equal gradients are not equal zeros. Not
+    # checked for SxTAM alone: where the extracted map is positive in every pooling window, a
+    # shift of the extractor's bias is removed by the key/value BatchNorm (its gradient is 0).
+    if switches.get("sa", True):
+        assert_gradients(ref)
     ref_params, ref_buffers = dict(ref.named_parameters()), dict(ref.named_buffers())
     for name, p in fast.named_parameters():
-        if stride == 2:
-            assert torch.allclose(p.grad, ref_params[name].grad, atol=1e-6, rtol=1e-4), name
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-9, atol=1e-12,
+                                   msg=name)
     for name, b in fast.named_buffers():
-        assert torch.allclose(b.float(), ref_buffers[name].float(), atol=1e-5), name
-    assert fast.exchange["1"].pairs["semseg"]["depth"].proj[1].num_batches_tracked == 1
+        torch.testing.assert_close(b, ref_buffers[name], rtol=1e-9, atol=1e-14, msg=name)
+    for name, m in fast.named_modules():  # each pair BatchNorm ran exactly once
+        if name.startswith("exchange.") and isinstance(m, nn.BatchNorm2d):
+            assert m.num_batches_tracked == 1, name
+
+
+def test_run_pairs_equals_each_pair_and_shares_only_identical_inputs():
+    """``XTAM.run_pairs`` of several pairs == each pair's ``forward``; the extractor and query
+    convolutions are shared exactly when the same tensor object is passed."""
+    torch.manual_seed(0)
+    pairs = [randomise_(XTAM(16, 2, cxtam=True)).train() for _ in range(3)]
+    ref = copy.deepcopy(pairs)
+    a, b = torch.randn(2, 16, 10, 12), torch.randn(2, 16, 10, 12)
+    targets, sources = [a, a, b.clone()], [b, b.clone(), a]  # pairs 0 and 1 share the target
+    calls = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, args, out: calls.append(mod) if isinstance(mod, nn.Conv2d) else None)
+    try:
+        outs = XTAM.run_pairs(pairs, targets, sources)
+    finally:
+        hook.remove()
+    for out, pair, t, s in zip(outs, ref, targets, sources):
+        torch.testing.assert_close(out, pair(t, s), rtol=1e-5, atol=1e-6)
+    for p, r in zip(pairs, ref):
+        for (name, buf), ref_buf in zip(p.named_buffers(), r.buffers()):
+            torch.testing.assert_close(buf, ref_buf, msg=name)
+    # sources b, b.clone(), a are three tensors: no extractor is shared, each runs as a module;
+    # the two queries of target a are one functional convolution, the query of b a module call
+    assert sum(m is p.extract[0] for m in calls for p in pairs) == 3
+    assert [p.sxtam.query[0] in calls for p in pairs] == [False, False, True]
+    with pytest.raises(ValueError, match="built with the same options"):
+        XTAM.run_pairs([pairs[0], XTAM(16, 2)], [a, a], [b, b])
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_sync_batchnorm_conversion_reaches_every_batchnorm(batched):
+    """After ``SyncBatchNorm.convert_sync_batchnorm`` both paths run every converted module,
+    once per forward, and compute what the unconverted block computes (train and eval).
+
+    Without a process group (this CPU test) SyncBatchNorm normalises locally like BatchNorm:
+    the test shows that all normalisation goes through the modules a multi-GPU run would
+    synchronise, not the synchronisation itself.
+    """
+    torch.manual_seed(0)
+    tasks = ["semseg", "depth", "normals"]
+    plain = randomise_(ExchangeBlock(tasks, 16, 2, batched=batched))
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    norms = {n: m for n, m in synced.named_modules() if isinstance(m, nn.SyncBatchNorm)}
+    # 6 pairs x (query, key, value, proj) + 3 post
+    assert len(norms) == 27 and not any(
+        isinstance(m, nn.BatchNorm2d) for m in synced.modules())
+    calls = dict.fromkeys(norms, 0)
+    for n, m in norms.items():
+        m.register_forward_hook(lambda mod, args, out, n=n: calls.__setitem__(n, calls[n] + 1))
+    feats = {t: torch.randn(2, 16, 12, 12, requires_grad=True) for t in tasks}
+    for step, training in enumerate([True, False], start=1):
+        plain.train(training)
+        synced.train(training)
+        out_p, out_s = plain(feats), synced(feats)
+        assert set(calls.values()) == {step}
+        for t in tasks:
+            torch.testing.assert_close(out_s[t], out_p[t], rtol=1e-5, atol=1e-6)
+        if training:
+            scalar_loss({"x": out_p}).backward()
+            scalar_loss({"x": out_s}).backward()
+            grads = dict(plain.named_parameters())
+            for name, p in synced.named_parameters():
+                assert torch.count_nonzero(p.grad) > 0, name
+                torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6,
+                                           msg=name)
+    buffers = dict(plain.named_buffers())
+    for name, b in synced.named_buffers():
+        torch.testing.assert_close(b, buffers[name], msg=name)

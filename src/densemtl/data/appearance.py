@@ -230,9 +230,16 @@ def _vignette(h: int, w: int) -> np.ndarray:
 
 
 def render(
-    scene: Scene, K: np.ndarray, h: int, w: int, style: str, rng: np.random.Generator
+    scene: Scene, K: np.ndarray, h: int, w: int, style: str, rng: np.random.Generator,
+    *, exposure: float | None = None, noise: np.random.Generator | None = None,
 ) -> Render:
-    """Ray-cast, texture, shade and post-process one view; ``rng`` is the appearance stream."""
+    """Ray-cast, texture, shade and post-process one view; ``rng`` is the appearance stream.
+
+    ``exposure`` fixes the gain instead of deriving it from this view's brightness, and
+    ``noise`` draws the sensor noise from another stream: the neighbouring frames of a camera
+    sequence use the labelled frame's gain (so a surface keeps its brightness from view to
+    view) and their own noise. Without them the result is the single-view render.
+    """
     materials = sample_materials(scene, style, rng)
     table = rng.random((64, 64), dtype=np.float32)
     t, prim, (dx, dy, dz) = cast(scene, K, h, w)
@@ -282,6 +289,8 @@ def render(
     sub = radiance[::3, ::3]
     lum = 0.2126 * sub[..., 0] + 0.7152 * sub[..., 1] + 0.0722 * sub[..., 2]
     scale = rng.uniform(0.75, 0.95) / max(float(np.percentile(lum, 95)), 1e-6)
+    if exposure is not None:
+        scale = exposure
     img = np.sqrt(np.clip(radiance * np.float32(scale), 0, 1))
     img = _blur(img)
     if style == "b":
@@ -290,7 +299,7 @@ def render(
         img = img * _vignette(h, w) + np.array([0.02, 0.0, 0.03], dtype=np.float32)
     # sensor noise: uniform, with the style's standard deviation
     img += np.float32(NOISE[style] * math.sqrt(12)) * (
-        rng.random(img.shape, dtype=np.float32) - 0.5
+        (rng if noise is None else noise).random(img.shape, dtype=np.float32) - 0.5
     )
     image = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
 
@@ -304,6 +313,7 @@ def render(
         semseg=classes[inst],
         edges=instance_edges(inst),
         image=image,
+        exposure=float(scale),
     )
 
 

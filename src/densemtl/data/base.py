@@ -18,6 +18,13 @@ may read) and decodes each task's label; everything else is here:
   (normals from ``depth`` and ``K``), is derived *after* the transforms (``Task.derive``), i.e. at
   the network resolution with the correctly resized/cropped/flipped intrinsics.
 * ``validate``: shapes and dtypes are always checked; ``validate=True`` also checks every value.
+* ``frames``: offsets of neighbouring video frames to load with each sample (e.g. ``[-1, 1]``),
+  for datasets with camera sequences (``has_sequences``): ``frames`` float32 [F,3,H,W] in the
+  order of the offsets, ``frame_offsets`` (the list), and ``poses`` float32 [F,4,4] (the exact
+  transform from the sample's camera to each neighbour's) where the dataset knows them. A missing
+  frame is treated like a missing image (``drop_sample`` drops the sample; otherwise an error).
+* A task that scores another task's label (``Task.shares_label``, e.g. self-supervised depth,
+  evaluated on the depth label) is read through that task's reader.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from densemtl.tasks import IGNORE_INDEX, Task, get_task, registered_tasks, task_
 from ..io import DataError, read_png, read_rgb
 from .geometry import resize_intrinsics
 from .sample import Sample, validate_sample
+from .transforms import resize_image
 
 Reader = Callable[[Any, "Record", tuple[int, int]], np.ndarray]
 
@@ -98,6 +106,7 @@ class DenseDataset(Dataset):
     readers: ClassVar[Mapping[str, Reader]] = {}  # task -> method reading its label from files
     provides: ClassVar[tuple[str, ...]] = ()  # the tasks of ``readers`` (set automatically)
     has_intrinsics: ClassVar[bool] = True  # samples carry K (labels may be derived from it)
+    has_sequences: ClassVar[bool] = False  # neighbouring frames can be loaded (``frames``)
     splits: ClassVar[tuple[str, ...]] = ("train", "val")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -118,6 +127,7 @@ class DenseDataset(Dataset):
         on_missing: str = "error",
         on_size_mismatch: str = "error",
         unknown_labels: str = "error",
+        frames: Sequence[int] | None = None,
     ):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -134,6 +144,12 @@ class DenseDataset(Dataset):
         if isinstance(tasks, str):
             raise TypeError(f"tasks must be a list of task names, got the string {tasks!r}")
         self.split = split
+        self.frames = tuple(int(k) for k in (frames or ()))
+        if self.frames and not self.has_sequences:
+            raise ValueError(f"{self.name} has no video sequences to load frames {list(frames)} "
+                             "from")
+        if 0 in self.frames or len(set(self.frames)) != len(self.frames):
+            raise ValueError(f"frames must be distinct non-zero offsets, got {list(self.frames)}")
         self.tasks = tuple(dict.fromkeys(self.provides if tasks is None else tasks))
         unknown = [t for t in self.tasks if t not in self.available_tasks]
         if unknown:
@@ -159,6 +175,11 @@ class DenseDataset(Dataset):
         """K [3,3] of the image as loaded (``image_hw``), or None if unknown."""
         return None
 
+    def poses(self, record: Record) -> Tensor | None:
+        """float32 [F,4,4]: the transform from the sample's camera to the camera of each frame
+        in ``self.frames`` (X_frame = R X_0 + t, metres), or None if unknown."""
+        return None
+
     def task_files(self, task: str) -> tuple[str, ...]:
         """Keys of :attr:`Record.files` that ``task`` reads (a derived task: its sources')."""
         if task in self.provides:
@@ -167,6 +188,16 @@ class DenseDataset(Dataset):
                                    for f in self.task_files(dep)))
 
     # --- shared ---------------------------------------------------------------------------------
+    def label_source(self, task: str) -> str:
+        """The task whose reader gives ``task``'s label: ``task`` itself, or the provided task
+        that owns its label key (for a task that scores another task's label)."""
+        if task in self.provides:
+            return task
+        owner = task_for_label(get_task(task).label_key)
+        if owner is not None and owner.name in self.provides:
+            return owner.name
+        return task
+
     def derivation_sources(self, task: str) -> list[str]:
         """The provided tasks whose labels ``task`` is derived from."""
         deps = [task_for_label(k) for k in get_task(task).derived_from if k != "K"]
@@ -185,7 +216,8 @@ class DenseDataset(Dataset):
 
     @property
     def available_tasks(self) -> tuple[str, ...]:
-        derived = [t.name for t in registered_tasks().values() if self._derivable(t)]
+        derived = [t.name for t in registered_tasks().values() if t.name not in self.provides
+                   and (self._derivable(t) or self.label_source(t.name) in self.provides)]
         return self.provides + tuple(derived)
 
     @property
@@ -200,8 +232,11 @@ class DenseDataset(Dataset):
         return [r.id for r in self.records]
 
     def _check_files(self, records: list[Record]) -> list[Record]:
-        needed = dict.fromkeys([*self.tasks, *self._load_tasks()])
-        keys = {"image": ("image",)} | {t: self.task_files(t) for t in needed}
+        needed = dict.fromkeys([*(self.label_source(t) for t in self.tasks), *self._load_tasks()])
+        # frames travel with the image: a sample without them is no sample for this dataset
+        poses = ("poses",) if self.frames and records and "poses" in records[0].files else ()
+        keys = {"image": ("image", *map(frame_key, self.frames), *poses)}
+        keys |= {t: self.task_files(t) for t in needed}
         missing: list[Path] = []
         kept: list[Record] = []
         for rec in records:
@@ -212,14 +247,14 @@ class DenseDataset(Dataset):
             missing.extend(sorted(rec.files[k] for k in absent))
             if self.on_missing == "drop_sample":
                 continue
-            if self.on_missing == "drop_label" and "image" not in absent:
+            lost = [rec.files[k] for k in keys["image"] if k in absent]
+            if self.on_missing == "drop_label" and not lost:
                 rec.missing = {t for t, ks in keys.items() if t != "image" and set(ks) & absent}
                 kept.append(rec)
                 continue
             if self.on_missing == "drop_label":
-                raise FileNotFoundError(
-                    2, f"{self.name}: missing image {rec.files['image']}", str(rec.files["image"])
-                )
+                what = "image" if lost[0] == rec.files["image"] else "frame"
+                raise FileNotFoundError(2, f"{self.name}: missing {what} {lost[0]}", str(lost[0]))
         if missing and self.on_missing == "error":
             shown = "\n  ".join(str(p) for p in missing[:5])
             raise FileNotFoundError(
@@ -253,6 +288,8 @@ class DenseDataset(Dataset):
         K = self.intrinsics(rec, hw)
         if K is not None:
             sample["K"] = K
+        if self.frames:
+            sample.update(self._load_frames(rec, hw))
         for task in self._load_tasks():
             if task in rec.missing:
                 continue
@@ -262,16 +299,44 @@ class DenseDataset(Dataset):
             sample[task] = label
         return sample
 
+    def _load_frames(self, rec: Record, hw: tuple[int, int]) -> Sample:
+        frames = []
+        for k in self.frames:
+            path = rec.files[frame_key(k)]
+            frame = torch.from_numpy(read_rgb(path).copy()).permute(2, 0, 1).float().div_(255)
+            fh, fw = frame.shape[-2:]
+            if (fh, fw) != hw:  # e.g. full-size sequence frames next to pre-resized images
+                if abs((fh / fw) / (hw[0] / hw[1]) - 1) >= 0.01:
+                    raise DataError(f"{path}: frame {k:+d} is {fh}x{fw} but its sample's image "
+                                    f"{rec.files['image']} is {hw[0]}x{hw[1]}")
+                frame = resize_image(frame, hw)
+            frames.append(frame)
+        out: Sample = {"frames": torch.stack(frames), "frame_offsets": list(self.frames)}
+        poses = self.poses(rec)
+        if poses is not None:
+            out["poses"] = poses
+        return out
+
     def _derived(self) -> list[str]:
         """The requested tasks computed from other labels after the transforms."""
-        return [t for t in self.tasks if t not in self.provides]
+        return [t for t in self.tasks if self.label_source(t) not in self.provides]
 
     def _load_tasks(self) -> list[str]:
-        """Labels read from files: the provided tasks asked for and the derived ones' sources."""
-        tasks = [t for t in self.tasks if t in self.provides]
+        """Labels read from files: the provided tasks asked for (or owning the label of a task
+        asked for) and the derived ones' sources."""
+        tasks = list(dict.fromkeys(self.label_source(t) for t in self.tasks
+                                   if self.label_source(t) in self.provides))
         for t in self._derived():
             tasks += [d for d in self.derivation_sources(t) if d not in tasks]
         return tasks
+
+    def drop_labels(self, task: str, keep: Callable[[int], bool]) -> None:
+        """Never read ``task``'s label for the samples whose index ``keep`` rejects (they go
+        without it, as a missing label); for training on a labelled fraction."""
+        source = self.label_source(task)
+        for i, rec in enumerate(self.records):
+            if not keep(i):
+                rec.missing.add(source)
 
     def _fit_size(self, rec: Record, task: str, label: Tensor, hw: tuple[int, int]) -> Tensor:
         lh, lw = label.shape[-2:]
@@ -314,9 +379,11 @@ class DenseDataset(Dataset):
             task = get_task(name)
             if all(k in sample for k in task.derived_from):  # else: a dropped source label
                 sample[task.label_key] = task.derive(sample)
+        asked = {get_task(t).label_key for t in self.tasks}
         for source in {d for t in derived for d in self.derivation_sources(t)}:
-            if source not in self.tasks:
-                sample.pop(get_task(source).label_key, None)
+            key = get_task(source).label_key
+            if key not in asked:
+                sample.pop(key, None)
         return sample
 
     @staticmethod
@@ -333,6 +400,11 @@ class DenseDataset(Dataset):
             f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, "
             f"tasks={list(self.tasks)}, n={len(self)})"
         )
+
+
+def frame_key(offset: int) -> str:
+    """The :attr:`Record.files` key of a neighbouring frame: ``frame-1``, ``frame+1``."""
+    return f"frame{offset:+d}"
 
 
 def clean_depth(depth: np.ndarray) -> np.ndarray:

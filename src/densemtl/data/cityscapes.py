@@ -18,6 +18,15 @@ intrinsics are used (only when depth is not requested: for depth a missing JSON 
 Normals are derived from depth. Labels (19, 16, 8 or 7 classes) and disparity of a pre-resized copy
 of the images (``leftImg8bit_small`` of the official code) are nearest-resized to the image
 (``on_size_mismatch="resize"`` is this dataset's default).
+
+Video frames (``frames=[-1, 1]``, for self-supervised depth) come from the sequence package::
+
+    <root>/leftImg8bit_sequence/<split>/<city>/<city>_<seq>_<frame +- k>_leftImg8bit.png
+
+(``sequence_folder``; ``leftImg8bit_sequence_small`` is tried too), the six-digit frame number
+being the labelled frame's plus the offset. Frames of another size than the image (same aspect
+ratio) are resized to it. A missing neighbour is an error naming the file; ``on_missing=
+"drop_sample"`` trains without the samples that lack one (with a warning that counts them).
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import numpy as np
 from torch import Tensor
 
 from ..io import DataError, read_json, read_png
-from .base import DenseDataset, LabelMap, Reader, Record
+from .base import DenseDataset, LabelMap, Reader, Record, frame_key
 from .geometry import make_intrinsics
 
 NATIVE_SIZE = (1024, 2048)
@@ -105,6 +114,7 @@ class CityscapesDataset(DenseDataset):
 
     name = "cityscapes"
     splits = ("train", "val", "test")
+    has_sequences = True
 
     def __init__(
         self,
@@ -112,12 +122,14 @@ class CityscapesDataset(DenseDataset):
         *args: Any,
         num_classes: int = 19,
         image_folder: str | None = None,
+        sequence_folder: str | None = None,
         on_size_mismatch: str = "resize",
         **kwargs: Any,
     ):
         self.class_names, self.palette, mapping = class_set(num_classes)
         self.label_map = LabelMap(mapping, RAW_IDS, "Cityscapes labelIds (0..33)")
         self.image_folder = image_folder
+        self.sequence_folder = sequence_folder
         super().__init__(root, *args, on_size_mismatch=on_size_mismatch, **kwargs)
 
     def _image_dir(self) -> Path:
@@ -130,6 +142,27 @@ class CityscapesDataset(DenseDataset):
             f"no image folder {' or '.join(names)}/{self.split} under {self.root}",
             str(self.root / names[0] / self.split),
         )
+
+    def _sequence_dir(self) -> Path:
+        names = ([self.sequence_folder] if self.sequence_folder
+                 else ["leftImg8bit_sequence", "leftImg8bit_sequence_small"])
+        for name in names:
+            if (self.root / name / self.split).is_dir():
+                return self.root / name / self.split
+        raise FileNotFoundError(
+            2, f"frames {list(self.frames)} need the video frames: no folder "
+            f"{' or '.join(names)}/{self.split} under {self.root}",
+            str(self.root / names[0] / self.split))
+
+    def _frame_files(self, city: str, stem: str) -> dict[str, Path]:
+        if not self.frames:
+            return {}
+        prefix, number = stem.rsplit("_", 1)
+        if not number.isdigit():
+            raise DataError(f"{stem}: cannot read a frame number from this image name")
+        folder = self._sequence_dir() / city
+        return {frame_key(k): folder / f"{prefix}_{int(number) + k:0{len(number)}d}_leftImg8bit.png"
+                for k in self.frames}
 
     def list_records(self, split: str) -> list[Record]:
         records = []
@@ -147,6 +180,7 @@ class CityscapesDataset(DenseDataset):
                         / f"{stem}_gtFine_labelIds.png",
                         "depth": self.root / "disparity" / split / city / f"{stem}_disparity.png",
                         "camera": self.root / "camera" / split / city / f"{stem}_camera.json",
+                        **self._frame_files(city, stem),
                     },
                 )
             )

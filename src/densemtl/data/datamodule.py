@@ -153,7 +153,14 @@ class DenseDataModule(_Common):
     ``limit_train`` keeps the first N training samples (after the split), for quick runs.
     ``synthesize`` (built-in benchmark only): arguments of
     :func:`densemtl.data.synthetic.generate` (``train``, ``val``, ``height``, ``width``, ``seed``,
-    ``style``); ``root`` is generated with them in ``prepare_data`` when it holds no benchmark yet.
+    ``style``, ``sequence``); ``root`` is generated with them in ``prepare_data`` when it holds no
+    benchmark yet.
+
+    ``frames`` (e.g. ``[-1, 1]``): training samples also carry these neighbouring video frames
+    (and their poses where known), for self-supervised depth; evaluation reads single images.
+    ``label_fraction``: for each task named, the fraction of training samples whose label is
+    read (a fixed subset drawn with ``seed``); 0 means the training split never opens that
+    task's label files, while validation and test still score it.
     """
 
     def __init__(
@@ -171,6 +178,8 @@ class DenseDataModule(_Common):
         limit_train: int | None = None,
         dataset_options: dict[str, Any] | None = None,
         synthesize: dict[str, Any] | None = None,
+        frames: list[int] | None = None,
+        label_fraction: dict[str, float] | None = None,
         **loading: Any,
     ):
         super().__init__(tasks, height, width, **loading)
@@ -180,6 +189,14 @@ class DenseDataModule(_Common):
         self.predict_root, self.limit_train = predict_root, limit_train
         self.dataset_options = dict(dataset_options or {})
         self.synthesize = _check_synthesize("synthesize", dataset, synthesize)
+        self.frames = [int(k) for k in frames or []]
+        self.label_fraction = {t: float(f) for t, f in (label_fraction or {}).items()}
+        for t, f in self.label_fraction.items():
+            if t not in self.tasks:
+                raise ValueError(f"label_fraction names '{t}', which is not one of the tasks "
+                                 f"{self.tasks}")
+            if not 0.0 <= f <= 1.0:
+                raise ValueError(f"label_fraction of '{t}' must be in [0, 1], got {f}")
 
     def prepare_data(self) -> None:
         """Generate the built-in benchmark into ``root`` if ``synthesize`` asks and it is absent."""
@@ -201,19 +218,27 @@ class DenseDataModule(_Common):
                     validate=self.validate,
                 )
             else:
-                train = stage == "train"
-                transform = self.train_transform() if train else self.eval_transform()
-                tasks = self.tasks if stage != "predict" else []
-                self._datasets[key] = build_dataset(
-                    self.dataset_name,
-                    self.root,
-                    split,
-                    tasks,
-                    transform,
-                    validate=self.validate,
-                    **self.dataset_options,
-                )
+                self._datasets[key] = self._build(stage, split)
         return self._datasets[key]
+
+    def _build(self, stage: str, split: str) -> DenseDataset:
+        train = stage == "train"
+        transform = self.train_transform() if train else self.eval_transform()
+        tasks = self.tasks if stage != "predict" else []
+        options = dict(self.dataset_options)
+        if train:
+            tasks = [t for t in tasks if self.label_fraction.get(t, 1.0) > 0]
+            if self.frames:
+                options["frames"] = self.frames
+        ds = build_dataset(self.dataset_name, self.root, split, tasks, transform,
+                           validate=self.validate, **options)
+        if train:
+            order = np.random.default_rng(self.seed).permutation(len(ds))
+            for t, f in self.label_fraction.items():
+                if 0 < f < 1:
+                    kept = set(order[: round(f * len(ds))].tolist())
+                    ds.drop_labels(t, kept.__contains__)
+        return ds
 
     @property
     def info_dataset(self) -> DenseDataset:

@@ -127,3 +127,35 @@ def normals_from_depth(depth: Tensor, K: Tensor) -> Tensor:
     facing = (n * P).sum(dim=-3, keepdim=True)
     n = torch.where(facing > 0, -n, n)
     return torch.where(ok, n, torch.zeros_like(n)).to(depth.dtype)
+
+
+# --- camera motion -------------------------------------------------------------------------------
+
+def axis_angle_to_matrix(axis_angle: Tensor) -> Tensor:
+    """Rodrigues: rotation vectors [..., 3] (axis times angle, radians) -> matrices [..., 3, 3].
+
+    The zero vector gives the identity exactly.
+    """
+    angle = axis_angle.norm(dim=-1, keepdim=True)  # [..., 1]
+    axis = axis_angle / angle.clamp_min(1e-12)  # (Monodepth2 adds 1e-7: a 1e-7/angle error)
+    x, y, z = axis.unbind(-1)
+    zero = torch.zeros_like(x)
+    cross = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1)
+    cross = cross.view(*axis.shape[:-1], 3, 3)
+    sin, cos = angle.sin()[..., None], angle.cos()[..., None]
+    eye = torch.eye(3, dtype=axis_angle.dtype, device=axis_angle.device)
+    return eye + sin * cross + (1 - cos) * (cross @ cross)
+
+
+def rigid_transform(axis_angle: Tensor, translation: Tensor, invert: bool = False) -> Tensor:
+    """4x4 transforms [..., 4, 4] ``X' = R X + t`` from a rotation vector and a translation
+    (each [..., 3]); ``invert`` returns the inverse transform ``X' = R^T (X - t)``."""
+    R = axis_angle_to_matrix(axis_angle)
+    t = translation.unsqueeze(-1)
+    if invert:
+        R = R.transpose(-1, -2)
+        t = -(R @ t)
+    top = torch.cat([R, t], dim=-1)
+    bottom = torch.zeros_like(top[..., :1, :])
+    bottom[..., 0, 3] = 1.0
+    return torch.cat([top, bottom], dim=-2)

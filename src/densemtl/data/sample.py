@@ -13,6 +13,13 @@ One sample is a plain ``dict``::
                               coordinates: pixel (u, v) = column u, row v covers [u-.5, u+.5])
     id       str
 
+A sample of a video sequence (``DenseDataset(frames=[-1, 1])``) also carries::
+
+    frames         float32 [F,3,H,W]  the neighbouring frames, in [0, 1], transformed with the image
+    frame_offsets  list[int]          their offsets from the sample's frame (e.g. [-1, 1])
+    poses          float32 [F,4,4]    optional: the exact transform from the sample's camera
+                                      frame to each neighbour's (X_k = R X_0 + t, metres)
+
 Every task key is optional (partially labelled data). ``K`` is optional only for image folders
 without known intrinsics. The label keys, dtypes, shapes, "no label" values and value checks come
 from the registered tasks (``densemtl.tasks``), so a registered new task's label is validated and
@@ -33,13 +40,15 @@ from densemtl.tasks import Task, registered_tasks
 
 Sample = dict[str, Any]
 
-NON_LABEL_KEYS: frozenset[str] = frozenset({"image", "K", "id"})
+NON_LABEL_KEYS: frozenset[str] = frozenset({"image", "K", "id", "frames", "frame_offsets",
+                                             "poses"})
 """Keys of a sample that are not task labels."""
 
 
 def label_tasks() -> list[Task]:
-    """The registered tasks, in registry order (the canonical order of label keys)."""
-    return list(registered_tasks().values())
+    """The registered tasks that own a label key, in registry order (the canonical order of
+    label keys); a task scoring another task's label (``shares_label``) is not listed."""
+    return [t for t in registered_tasks().values() if not t.shares_label]
 
 
 class SampleError(ValueError):
@@ -91,6 +100,8 @@ def validate_sample(
             _fail(where, f"'{key}' must be {task.label_dtype}, got {value.dtype}")
         if tuple(value.shape) != expected:
             _fail(where, f"'{key}' has shape {tuple(value.shape)}, expected {expected}")
+    if "frames" in sample:
+        _check_frames(sample, h, w, where)
     if "K" in sample:
         K = sample["K"]
         if not isinstance(K, Tensor) or K.dtype != torch.float32 or tuple(K.shape) != (3, 3):
@@ -101,6 +112,22 @@ def validate_sample(
             _fail(where, f"'K' is not a pinhole intrinsics matrix: {K.tolist()}")
     if full:
         _check_values(sample, num_classes, where)
+
+
+def _check_frames(sample: Mapping[str, Any], h: int, w: int, where: str) -> None:
+    frames, offsets = sample["frames"], sample.get("frame_offsets")
+    if not isinstance(frames, Tensor) or frames.dtype != torch.float32 or frames.ndim != 4 or \
+            tuple(frames.shape[1:]) != (3, h, w):
+        _fail(where, f"'frames' must be float32 [F,3,{h},{w}], got "
+              f"{getattr(frames, 'dtype', type(frames).__name__)} "
+              f"{tuple(getattr(frames, 'shape', ()))}")
+    if not isinstance(offsets, list) or len(offsets) != frames.shape[0]:
+        _fail(where, f"'frame_offsets' must list the offsets of the {frames.shape[0]} frames, "
+              f"got {offsets!r}")
+    poses = sample.get("poses")
+    if poses is not None and (not isinstance(poses, Tensor) or poses.dtype != torch.float32
+                              or tuple(poses.shape) != (frames.shape[0], 4, 4)):
+        _fail(where, f"'poses' must be float32 [{frames.shape[0]},4,4]")
 
 
 def _check_values(sample: Mapping[str, Any], num_classes: int | None, where: str) -> None:
@@ -118,8 +145,9 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stack samples into a batch, filling absent labels and adding ``has_<key>`` flags.
 
     Every sample must have the same image size. ``K`` is stacked when every sample has it
-    (a mix of samples with and without ``K`` is refused). Other tensor keys of equal shape are
-    stacked; any other value is kept as a list.
+    (a mix of samples with and without ``K`` is refused); so are a sequence's ``frames`` and
+    ``poses``, and ``frame_offsets`` (the same in every sample) is kept as a list per sample.
+    Other tensor keys of equal shape are stacked; any other value is kept as a list.
     """
     if not samples:
         raise ValueError("collate() needs at least one sample")
@@ -145,6 +173,18 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     elif any(with_k):
         missing = [i for i, k in zip(ids, with_k) if not k]
         raise SampleError(f"some samples of a batch have no intrinsics 'K': {missing}")
+    for key in ("frames", "poses"):
+        present = [key in s for s in samples]
+        if all(present):
+            batch[key] = torch.stack([s[key] for s in samples])
+        elif any(present):
+            raise SampleError(f"some samples of a batch have no '{key}': "
+                              f"{[i for i, p in zip(ids, present) if not p]}")
+    if "frames" in batch:
+        offsets = [s["frame_offsets"] for s in samples]
+        if any(o != offsets[0] for o in offsets):
+            raise SampleError(f"samples of one batch have different frame offsets: {offsets}")
+        batch["frame_offsets"] = offsets
     extra = {k for s in samples for k in s} - NON_LABEL_KEYS - labels
     for key in sorted(extra):
         values = [s.get(key) for s in samples]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -286,6 +286,45 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     return Scene(np.array([W, H, D]), cam, rot, light, prims, decals, inst_class)
 
 
+@dataclass(frozen=True)
+class Motion:
+    """A camera's constant motion per frame, in the camera frame of the earlier frame: a
+    translation ``step`` (metres; x right, y down, z forward) and a rotation ``turn``."""
+
+    step: np.ndarray  # (3,)
+    turn: np.ndarray  # (3,3)
+
+
+def sample_motion(rng: np.random.Generator) -> Motion:
+    """A slow forward walk (6-18 cm per frame) with a little sideways and vertical drift and a
+    little yaw (up to 2 degrees per frame) and pitch (up to 0.9 degrees)."""
+    step = np.array([rng.uniform(-0.03, 0.03), rng.uniform(-0.01, 0.01), rng.uniform(0.06, 0.18)])
+    yaw, pitch = rng.uniform(-0.035, 0.035), rng.uniform(-0.015, 0.015)
+    return Motion(step, _rot_y(yaw) @ _rot_x(pitch))
+
+
+def moved(scene: Scene, motion: Motion, frames: int) -> Scene:
+    """The scene seen ``frames`` frames later (earlier if negative): only the camera moves."""
+    pos, rot = scene.cam_pos.copy(), scene.cam_rot.copy()
+    for _ in range(abs(frames)):
+        if frames > 0:
+            pos = pos + rot @ motion.step
+            rot = rot @ motion.turn
+        else:
+            rot = rot @ motion.turn.T
+            pos = pos - rot @ motion.step
+    return replace(scene, cam_pos=pos, cam_rot=rot)
+
+
+def relative_pose(source: Scene, target: Scene) -> np.ndarray:
+    """The 4x4 rigid transform taking a point from ``source``'s camera frame to ``target``'s
+    (X_target = R X_source + t), from the two cameras' world poses."""
+    T = np.eye(4)
+    T[:3, :3] = target.cam_rot.T @ source.cam_rot
+    T[:3, 3] = target.cam_rot.T @ (source.cam_pos - target.cam_pos)
+    return T
+
+
 def intrinsics(height: int, width: int) -> np.ndarray:
     """The benchmark's K: fx = fy = 0.81 W, principal point at the image centre."""
     f = FOCAL_PER_WIDTH * width
@@ -370,6 +409,7 @@ class Render:
     semseg: np.ndarray  # uint8 class ids
     edges: np.ndarray  # bool
     image: np.ndarray  # uint8 [H,W,3]
+    exposure: float = 1.0  # the gain from linear radiance to the image (before gamma)
 
 
 def _room_hit(scene: Scene, dx, dy, dz):

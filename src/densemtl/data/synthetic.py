@@ -26,38 +26,102 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+from torch import Tensor
 
 from ..io import DataError, read_json, save_jpeg, save_json, save_npy, save_png, write_atomic
 from ..tasks import get_task
 from ..viz import grid
 from .appearance import look_summary, render
+from .base import Record, frame_key
 from .nyud import NYUDv2Dataset
-from .scene import CLASS_NAMES, PALETTE, SPLIT_CODES, STYLES, Render, intrinsics, sample_scene
+from .scene import (
+    CLASS_NAMES,
+    PALETTE,
+    SPLIT_CODES,
+    STYLES,
+    Render,
+    intrinsics,
+    moved,
+    relative_pose,
+    sample_motion,
+    sample_scene,
+)
 
 GENERATOR = "densemtl.synthetic"
 GENERATOR_VERSION = "1"
 META_FILE = "meta.json"
-_OUTPUT_DIRS = ("images", "segmentation", "depth", "normals", "edge", "gt_sets")
+_OUTPUT_DIRS = ("images", "segmentation", "depth", "normals", "edge", "gt_sets", "sequence",
+                "poses")
+SEQUENCE_OFFSETS = (-1, 1)
 
 
 def sample_id(split: str, index: int) -> str:
     return f"{split}_{index:06d}"
 
 
+def _streams(seed: int, split: str, index: int, style: str, *more: int) -> np.random.Generator:
+    """The random stream ``more`` of one sample (0 geometry, 1 looks, 2 motion, 3 frame noise)."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    return np.random.default_rng(np.random.SeedSequence([seed, SPLIT_CODES[split], index, *more]))
+
+
 def render_sample(
     seed: int, split: str, index: int, height: int, width: int, style: str = "a"
 ) -> Render:
     """Render one sample; a pure function of its arguments."""
-    if style not in STYLES:
-        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
-    code = SPLIT_CODES[split]
-    geometry = np.random.default_rng(np.random.SeedSequence([seed, code, index, 0]))
-    looks = np.random.default_rng(
-        np.random.SeedSequence([seed, code, index, 1, STYLES.index(style)])
-    )
-    scene = sample_scene(geometry)
+    scene = sample_scene(_streams(seed, split, index, style, 0))
+    looks = _streams(seed, split, index, style, 1, STYLES.index(style))
     return render(scene, intrinsics(height, width), height, width, style, looks)
+
+
+def render_sequence(
+    seed: int, split: str, index: int, height: int, width: int, style: str = "a",
+    offsets: tuple[int, ...] = SEQUENCE_OFFSETS,
+) -> tuple[Render, dict[int, Render], dict[int, np.ndarray]]:
+    """The sample (frame 0, identical to :func:`render_sample`), its neighbouring frames and
+    the exact 4x4 transforms from frame 0's camera to each neighbour's.
+
+    The camera walks with a constant motion drawn per scene; the scene, its materials and the
+    light stay put, and every frame uses frame 0's exposure, so a surface point keeps its
+    brightness from frame to frame up to sensor noise (drawn per frame) and the slight blur.
+    """
+    scene = sample_scene(_streams(seed, split, index, style, 0))
+    K = intrinsics(height, width)
+    looks = (1, STYLES.index(style))
+    frame0 = render(scene, K, height, width, style, _streams(seed, split, index, style, *looks))
+    motion = sample_motion(_streams(seed, split, index, style, 2))
+    frames, poses = {}, {}
+    for i, k in enumerate(offsets):
+        if k == 0:
+            raise ValueError("sequence offsets are the neighbours of frame 0, not 0 itself")
+        view = moved(scene, motion, k)
+        frames[k] = render(view, K, height, width, style,
+                           _streams(seed, split, index, style, *looks), exposure=frame0.exposure,
+                           noise=_streams(seed, split, index, style, 3, i))
+        poses[k] = relative_pose(scene, view)
+    return frame0, frames, poses
+
+
+def frame_name(sid: str, offset: int) -> str:
+    """File stem of a neighbouring frame: ``<id>_-1``, ``<id>_+1``."""
+    return f"{sid}_{offset:+d}"
+
+
+def write_frames(out: Path, sid: str, frames: dict[int, Render], poses: dict[int, np.ndarray],
+                 K: np.ndarray, variant: str = "png") -> None:
+    """Write the neighbouring frames (``sequence/``) and their poses (``poses/<id>.json``)."""
+    for k, r in frames.items():
+        if variant == "png":
+            save_png(out / "sequence" / f"{frame_name(sid, k)}.png", r.image)
+        else:
+            save_jpeg(out / "sequence" / f"{frame_name(sid, k)}.jpg", r.image)
+    save_json(out / "poses" / f"{sid}.json", {
+        "K": K.tolist(),
+        "T_0_to": {f"{k:+d}": T.tolist() for k, T in poses.items()},
+    })
 
 
 def write_sample(out: Path, sid: str, r: Render, variant: str = "png") -> None:
@@ -76,9 +140,14 @@ def write_sample(out: Path, sid: str, r: Render, variant: str = "png") -> None:
 
 
 def _job(args: tuple) -> np.ndarray:
-    out, seed, split, index, height, width, style, variant = args
-    r = render_sample(seed, split, index, height, width, style)
-    write_sample(Path(out), sample_id(split, index), r, variant)
+    out, seed, split, index, height, width, style, variant, sequence = args
+    sid = sample_id(split, index)
+    if sequence:
+        r, frames, poses = render_sequence(seed, split, index, height, width, style)
+        write_frames(Path(out), sid, frames, poses, intrinsics(height, width), variant)
+    else:
+        r = render_sample(seed, split, index, height, width, style)
+    write_sample(Path(out), sid, r, variant)
     return np.bincount(r.semseg.ravel(), minlength=len(CLASS_NAMES))
 
 
@@ -122,8 +191,14 @@ def generate(
     progress: bool = True,
     preview: str | os.PathLike[str] | None = None,
     force: bool = False,
+    sequence: bool = False,
 ) -> dict[str, Any]:
-    """Generate the benchmark into ``out``; returns the metadata written to ``meta.json``."""
+    """Generate the benchmark into ``out``; returns the metadata written to ``meta.json``.
+
+    ``sequence`` also writes, for every sample, its neighbouring frames -1 and +1
+    (``sequence/<id>_-1.png``, ``sequence/<id>_+1.png``) and the exact camera transforms from
+    frame 0 to each, with the intrinsics (``poses/<id>.json``); labels stay frame 0's only.
+    """
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     if variant not in ("png", "npy"):
@@ -134,7 +209,7 @@ def generate(
     _prepare(out, force)
     workers = (os.cpu_count() or 1) if workers is None else workers
     jobs = [
-        (str(out), seed, split, i, height, width, style, variant)
+        (str(out), seed, split, i, height, width, style, variant, sequence)
         for split, n in (("train", train), ("val", val))
         for i in range(n)
     ]
@@ -154,7 +229,7 @@ def generate(
     for split, n in (("train", train), ("val", val)):
         ids = "".join(f"{sample_id(split, i)}\n" for i in range(n)).encode()
         write_atomic(out / "gt_sets" / f"{split}.txt", lambda f, data=ids: f.write(data))
-    meta = metadata(seed, style, variant, height, width, train, val, counts)
+    meta = metadata(seed, style, variant, height, width, train, val, counts, sequence)
     save_json(out / META_FILE, meta)
     if preview is not None and (train or val):
         split = "train" if train else "val"
@@ -172,7 +247,7 @@ def ensure_generated(root: str | os.PathLike[str], spec: dict[str, Any]) -> bool
     on a fresh checkout. Returns whether it generated. An existing benchmark is kept as it is (a
     warning names the settings that differ from ``spec``); a folder holding other files is refused.
     """
-    allowed = {"train", "val", "height", "width", "seed", "style", "variant", "workers"}
+    allowed = {"train", "val", "height", "width", "seed", "style", "variant", "workers", "sequence"}
     unknown = set(spec) - allowed
     if unknown:
         raise ValueError(f"synthesize: unknown option(s) {sorted(unknown)}; use {sorted(allowed)}")
@@ -182,8 +257,12 @@ def ensure_generated(root: str | os.PathLike[str], spec: dict[str, Any]) -> bool
     meta_path = root / META_FILE
     if meta_path.is_file():
         meta = read_json(meta_path)
+        if spec.get("sequence") and "sequence" not in meta:
+            raise FileExistsError(
+                f"synthesize: the benchmark in {root} has no camera sequences (it was generated "
+                "without 'sequence'); delete the folder or choose another root")
         meta = {**meta, **meta.get("splits", {})}
-        wanted = {k: v for k, v in spec.items() if k != "workers"}
+        wanted = {k: v for k, v in spec.items() if k not in ("workers", "sequence")}
         differ = {k: (meta.get(k), v) for k, v in wanted.items()
                   if k in meta and meta.get(k) != v}
         if differ:
@@ -213,9 +292,10 @@ def metadata(
     train: int,
     val: int,
     counts: dict[str, np.ndarray],
+    sequence: bool = False,
 ) -> dict[str, Any]:
     """The content of ``meta.json`` (no timestamps or paths: deterministic)."""
-    return {
+    meta = {
         "generator": GENERATOR,
         "version": GENERATOR_VERSION,
         "seed": seed,
@@ -238,16 +318,27 @@ def metadata(
         },
         "look": look_summary(style),
     }
+    if sequence:
+        meta["sequence"] = {
+            "offsets": list(SEQUENCE_OFFSETS),
+            "frames": "sequence/<id>_<offset>.png (.jpg in the npy variant), e.g. "
+            "train_000000_-1.png; same camera, scene, light and exposure as frame 0",
+            "poses": "poses/<id>.json: K and T_0_to[offset], the 4x4 transform taking a point "
+            "from frame 0's camera frame to the neighbour's (X_k = R X_0 + t, metres)",
+        }
+    return meta
 
 
 # --- the dataset ----------------------------------------------------------------------------------
 
 class SyntheticDataset(NYUDv2Dataset):
     """The built-in benchmark read through the NYUDv2 loader, with the class names, palette and
-    exact intrinsics of its ``meta.json``."""
+    exact intrinsics of its ``meta.json``; with ``frames`` (a benchmark generated with
+    ``sequence``), the neighbouring frames and their exact poses too."""
 
     name = "synthetic"
     splits = ("train", "val")
+    has_sequences = True
 
     def __init__(
         self,
@@ -269,7 +360,37 @@ class SyntheticDataset(NYUDv2Dataset):
         self.meta = meta
         self.class_names = tuple(meta["class_names"])
         self.palette = np.asarray(meta["palette"], dtype=np.uint8).reshape(-1, 3)
+        frames = kwargs.get("frames") or ()
+        offsets = meta.get("sequence", {}).get("offsets", [])
+        if frames and not set(frames) <= set(offsets):
+            raise DataError(
+                f"{path}: frames {list(frames)} asked for, but this benchmark has "
+                + (f"only the frames {offsets}" if offsets else
+                   "no camera sequences (generate it with 'densemtl synth --sequence' or "
+                   "'synthesize: {..., sequence: true}')"))
         super().__init__(root, *args, **kwargs)
+
+    def list_records(self, split: str) -> list[Record]:
+        records = super().list_records(split)
+        ext = ".png" if self.meta.get("variant", "png") == "png" else ".jpg"
+        for rec in records:
+            for k in self.frames:
+                rec.files[frame_key(k)] = self.root / "sequence" / f"{frame_name(rec.id, k)}{ext}"
+            if self.frames:
+                rec.files["poses"] = self.root / "poses" / f"{rec.id}.json"
+        return records
+
+    def poses(self, record: Record) -> Tensor:
+        path = record.files["poses"]
+        table = read_json(path).get("T_0_to", {})
+        try:
+            poses = [table[f"{k:+d}"] for k in self.frames]
+        except KeyError as e:
+            raise DataError(f"{path}: no pose for frame {e.args[0]}") from None
+        out = torch.tensor(poses, dtype=torch.float64)
+        if out.shape != (len(self.frames), 4, 4):
+            raise DataError(f"{path}: poses must be 4x4 matrices, got {tuple(out.shape)}")
+        return out.float()
 
     def camera(self) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
         K = self.meta["K"]
@@ -330,6 +451,9 @@ def build_parser(prog: str = "densemtl synth") -> argparse.ArgumentParser:
         "(JPEG images, float normals and edges in .npy)",
     )
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--sequence", action="store_true",
+                   help="also write each sample's neighbouring frames -1 and +1 and their exact "
+                   "camera poses (for self-supervised depth)")
     p.add_argument("--preview", default=None, help="also write a PNG grid of 4 samples")
     p.add_argument("--force", action="store_true", help="write into a non-empty foreign folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -352,6 +476,7 @@ def main(argv: list[str] | None = None, command: str = "synth") -> int:
             not args.quiet,
             args.preview,
             args.force,
+            args.sequence,
         )
     except (FileExistsError, NotADirectoryError, ValueError) as e:
         print(f"densemtl {command}: error: {e}", file=sys.stderr)
@@ -359,7 +484,8 @@ def main(argv: list[str] | None = None, command: str = "synth") -> int:
     n = meta["splits"]
     print(
         f"wrote {n['train']} train + {n['val']} val samples ({args.height}x{args.width}, "
-        f"style {args.style}, seed {args.seed}) to {args.out}"
+        f"style {args.style}, seed {args.seed}"
+        f"{', with frames -1 and +1 and their poses' if args.sequence else ''}) to {args.out}"
     )
     if args.preview:
         print(f"preview: {args.preview}")

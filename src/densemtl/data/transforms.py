@@ -11,7 +11,10 @@ every label is resized, padded and flipped the way its task declares (``densemtl
 
 Cropping outside the image pads with the "no label" values (image 0, semseg 255, depth 0,
 normals 0, edges 0). A horizontal flip mirrors every map, negates the x component of the normals
-and sets ``cx' = W - 1 - cx`` (see :mod:`densemtl.data.geometry`). A tensor under a key that is
+and sets ``cx' = W - 1 - cx`` (see :mod:`densemtl.data.geometry`). The neighbouring ``frames`` of
+a sequence sample get exactly what the image gets (same resize, crop window, flip and colour
+jitter), and a flip mirrors their ``poses`` (``S T S`` with ``S = diag(-1, 1, 1, 1)``: the
+mirrored scene seen by the mirrored cameras). A tensor under a key that is
 neither ``image``, ``K`` nor a registered task's label is refused: there is no way to know how to
 transform it. Randomness comes from torch's global generator, which the DataLoader seeds per
 worker.
@@ -35,6 +38,11 @@ from .sample import NON_LABEL_KEYS, Sample, SampleError, sample_size
 Transform = Callable[[Sample], Sample]
 
 
+def images(sample: Sample) -> list[str]:
+    """The keys of ``sample`` holding images: ``image`` and, in a sequence, ``frames``."""
+    return [k for k in ("image", "frames") if k in sample]
+
+
 def labels(sample: Sample) -> Iterator[tuple[str, Task]]:
     """(key, task) for every label of ``sample``; a tensor under an unknown key is an error."""
     for key, value in sample.items():
@@ -49,13 +57,19 @@ def labels(sample: Sample) -> Iterator[tuple[str, Task]]:
         yield key, task
 
 
+def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """Images [..., 3, H, W] in [0, 1], bilinear with antialiasing, to ``size``."""
+    return TF.resize(image, list(size), antialias=True).clamp_(0.0, 1.0)
+
+
 def resize(sample: Sample, height: int, width: int) -> Sample:
     """Resize every map of ``sample`` to ``height x width`` and update ``K``."""
     h, w = sample_size(sample)
     if (h, w) == (height, width):
         return dict(sample)
     out = dict(sample)
-    out["image"] = TF.resize(sample["image"], [height, width], antialias=True).clamp_(0.0, 1.0)
+    for key in images(sample):
+        out[key] = resize_image(sample[key], (height, width))
     for key, task in labels(sample):
         out[key] = task.resize_label(sample[key], (height, width))
     if "K" in sample:
@@ -72,7 +86,8 @@ def crop(sample: Sample, top: int, left: int, height: int, width: int) -> Sample
     dst_r = slice(src_r.start - top, src_r.stop - top)
     dst_c = slice(src_c.start - left, src_c.stop - left)
     inside = top >= 0 and left >= 0 and top + height <= h and left + width <= w
-    fills = {"image": 0.0, **{key: task.fill_value for key, task in labels(sample)}}
+    fills = {**dict.fromkeys(images(sample), 0.0),
+             **{key: task.fill_value for key, task in labels(sample)}}
     for key, fill in fills.items():
         x = sample[key]
         if inside:
@@ -91,12 +106,21 @@ def hflip(sample: Sample) -> Sample:
     """Mirror left-right: every map flipped as its task says, ``cx' = W - 1 - cx``."""
     _, w = sample_size(sample)
     out = dict(sample)
-    out["image"] = sample["image"].flip(-1)
+    for key in images(sample):
+        out[key] = sample[key].flip(-1)
     for key, task in labels(sample):
         out[key] = task.hflip_label(sample[key])
     if "K" in sample:
         out["K"] = hflip_intrinsics(sample["K"], w)
+    if "poses" in sample:
+        out["poses"] = mirror_poses(sample["poses"])
     return out
+
+
+def mirror_poses(poses: Tensor) -> Tensor:
+    """Camera transforms [..., 4, 4] of the left-right mirrored scene: ``S T S``."""
+    s = poses.new_tensor([-1.0, 1.0, 1.0, 1.0])
+    return poses * s[:, None] * s[None, :]
 
 
 class Compose:
@@ -207,7 +231,12 @@ class ColorJitter:
 
     def __call__(self, sample: Sample) -> Sample:
         out = dict(sample)
-        out["image"] = self.jitter(sample["image"]).clamp(0.0, 1.0)
+        if "frames" not in sample:
+            out["image"] = self.jitter(sample["image"]).clamp(0.0, 1.0)
+            return out
+        # one draw of the jitter for the image and its frames (a batch gets the same parameters)
+        both = self.jitter(torch.cat([sample["image"][None], sample["frames"]])).clamp(0.0, 1.0)
+        out["image"], out["frames"] = both[0], both[1:]
         return out
 
     def __repr__(self) -> str:

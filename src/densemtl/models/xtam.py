@@ -9,6 +9,9 @@ For every ordered pair source -> target at a decoder stage with C channels:
     f_s->t  = CBR1x1([sa, sxtam, (cxtam)])                  proj
 
 and per target: f~_t = f_t + CBR1x1(concat over sources of f_s->t)   (fusion "add").
+
+``XTAM.run_pairs`` computes P pairs at once (``ExchangeBlock(batched=True)``); a single pair
+(``XTAM.forward``, the pair loop ``batched=False``) is the same code with P = 1.
 """
 
 from __future__ import annotations
@@ -28,29 +31,65 @@ ATTENTION_IMPLS = ("sdpa", "explicit")
 FUSIONS = ("add", "prod", "concat")
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, impl: str = "sdpa") -> Tensor:
-    """softmax(q k^T / sqrt(C)) v over flattened positions.
+def _by_identity(tensors: Sequence[Tensor]) -> list[tuple[Tensor, list[int]]]:
+    """The distinct tensor objects of ``tensors`` (first-seen order) with their positions."""
+    groups: list[tuple[Tensor, list[int]]] = []
+    for i, x in enumerate(tensors):
+        for y, positions in groups:
+            if y is x:
+                positions.append(i)
+                break
+        else:
+            groups.append((x, [i]))
+    return groups
 
-    ``q`` [B,C,hq,wq]; ``k``, ``v`` [B,C,hk,wk]. Returns [B,C,hq,wq]. ``sdpa`` uses
-    ``scaled_dot_product_attention`` (memory linear in the number of positions with the fused
-    kernels); ``explicit`` materialises the attention matrix exactly as the official code.
+
+def stacked_conv(x: Tensor, convs: Sequence[nn.Conv2d]) -> Tensor:
+    """Conv2d modules of the same kind (kernel, stride, padding) on the same input ``x``, as one
+    convolution: their weights (and biases) concatenated, their outputs side by side."""
+    if len(convs) == 1:
+        return convs[0](x)
+    c = convs[0]
+    if c.padding_mode != "zeros" or c.groups != 1:
+        raise ValueError("stacked_conv needs zero-padded, ungrouped convolutions")
+    bias = None if c.bias is None else torch.cat([m.bias for m in convs])
+    return F.conv2d(x, torch.cat([m.weight for m in convs]), bias, c.stride, c.padding,
+                    c.dilation)
+
+
+def stacked_conv_bn_relu(x: Tensor, blocks: Sequence[nn.Sequential]) -> list[Tensor]:
+    """conv-BN-ReLU ``blocks`` (:func:`~densemtl.models.heads.conv_bn_relu`) on the same input:
+    their convolutions as one (:func:`stacked_conv`), then each block's own BatchNorm and ReLU
+    modules on its channels. Returns each block's output.
+
+    Running the modules (not a functional copy of them) keeps their running statistics
+    updated by themselves and keeps ``SyncBatchNorm.convert_sync_batchnorm`` effective.
     """
-    b, c, hq, wq = q.shape
-    # token-major and contiguous: the fused SDPA kernels (flash / memory-efficient, CPU and CUDA)
-    # need a unit stride on the channel dimension and silently fall back to the quadratic-memory
-    # math kernel otherwise
-    qf = q.flatten(2).transpose(1, 2).contiguous()  # [B, Nq, C]
-    kf = k.flatten(2).transpose(1, 2).contiguous()  # [B, Nk, C]
-    vf = v.flatten(2).transpose(1, 2).contiguous()
+    y = stacked_conv(x, [b[0] for b in blocks])
+    if len(blocks) == 1:
+        return [blocks[0][2](blocks[0][1](y))]
+    parts = y.split([b[1].num_features for b in blocks], dim=1)
+    return [b[2](b[1](part)) for b, part in zip(blocks, parts)]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, impl: str = "sdpa") -> Tensor:
+    """softmax(q k^T / sqrt(C)) v for each head: ``q`` [B,P,Nq,C], ``k``, ``v`` [B,P,Nk,C].
+
+    ``sdpa`` uses ``scaled_dot_product_attention`` (memory linear in the number of positions
+    with the fused kernels); ``explicit`` materialises the attention matrix exactly as the
+    official code. The fused kernels (flash / memory-efficient, CPU and CUDA) need contiguous
+    token-major inputs and silently fall back to the quadratic-memory math kernel otherwise.
+    """
     if impl == "sdpa":
-        out = F.scaled_dot_product_attention(qf.unsqueeze(1), kf.unsqueeze(1), vf.unsqueeze(1))
-        out = out.squeeze(1)
-    elif impl == "explicit":
-        weights = torch.softmax(qf @ kf.transpose(1, 2) / math.sqrt(c), dim=-1)
-        out = weights @ vf
-    else:
-        raise ValueError(f"attention implementation '{impl}' is not one of {ATTENTION_IMPLS}")
-    return out.transpose(1, 2).reshape(b, c, hq, wq)
+        return F.scaled_dot_product_attention(q, k, v)
+    if impl == "explicit":
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1) @ v
+    raise ValueError(f"attention implementation '{impl}' is not one of {ATTENTION_IMPLS}")
+
+
+def _tokens(maps: Sequence[Tensor]) -> Tensor:
+    """[B,C,h,w] maps -> one contiguous token-major [B, len(maps), h*w, C] tensor."""
+    return torch.stack([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
 
 
 class SelfAttentionGate(nn.Module):
@@ -93,18 +132,35 @@ class SpatialCrossTaskAttention(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(1, channels, 1, 1)) if alpha else None
 
     def forward(self, target: Tensor, source: Tensor) -> Tensor:
-        ds = self.downsample
-        if ds > 1:
-            target_small = target[..., ::ds, ::ds]
-            source_small = F.max_pool2d(source, ds, ds, ceil_mode=True)
-        else:
-            target_small, source_small = target, source
-        out = attend(self.query(target_small), self.key(source_small),
-                     self.value(source_small), self.attention)
-        if ds > 1:
-            out = F.interpolate(out, scale_factor=ds, mode="nearest")
-            out = out[..., : target.shape[-2], : target.shape[-1]]
-        return out * self.alpha if self.alpha is not None else out
+        return self.run([self], [target], [source])[0]
+
+    @staticmethod
+    def run(attns: Sequence[SpatialCrossTaskAttention], targets: Sequence[Tensor],
+            sources: Sequence[Tensor]) -> list[Tensor]:
+        """P attentions (built alike) at once, the i-th from ``sources[i]`` to ``targets[i]``.
+
+        The query convolutions of the attentions reading the same target tensor are one
+        convolution, and the P attentions are one attention call with P heads.
+        """
+        ds, (h, w) = attns[0].downsample, targets[0].shape[-2:]
+        queries: list[Tensor] = list(targets)  # placeholders
+        for target, idx in _by_identity(targets):
+            small = target[..., ::ds, ::ds] if ds > 1 else target
+            for i, q in zip(idx, stacked_conv_bn_relu(small, [attns[i].query for i in idx])):
+                queries[i] = q
+        keys, values = [], []
+        for a, source in zip(attns, sources):
+            small = F.max_pool2d(source, ds, ds, ceil_mode=True) if ds > 1 else source
+            keys.append(a.key(small))
+            values.append(a.value(small))
+        out = attend(_tokens(queries), _tokens(keys), _tokens(values), attns[0].attention)
+        outs = []
+        for i, a in enumerate(attns):  # [B, Nq, C] -> [B, C, h, w] at the target's resolution
+            y = out[:, i].transpose(1, 2).reshape(queries[i].shape)
+            if ds > 1:
+                y = F.interpolate(y, scale_factor=ds, mode="nearest")[..., :h, :w]
+            outs.append(y if a.alpha is None else y * a.alpha)
+        return outs
 
 
 class ChannelCrossTaskAttention(nn.Module):
@@ -129,11 +185,20 @@ class ChannelCrossTaskAttention(nn.Module):
         return self.beta * (weights @ y).view(b, ct, h, w)
 
 
+def _options(pair: XTAM) -> tuple:
+    """What must agree between pairs computed together (it fixes every shape)."""
+    sa, sx = pair.sa, pair.sxtam
+    return (pair.extract[0].in_channels, pair.width, sa and sa.feat.out_channels,
+            sx and (sx.downsample, sx.attention, sx.alpha is not None), pair.cxtam is not None)
+
+
 class XTAM(nn.Module):
     """One ordered task pair source -> target: Extractor, SA, SxTAM, CxTAM, projection.
 
     ``split`` (our definition; the official option is broken): the pair works at half width
     C/2 (extractor C -> C/2, attention at C/2) and projects to C/2, halving its cost.
+
+    ``forward`` is :meth:`run_pairs` with this pair alone.
     """
 
     def __init__(
@@ -163,42 +228,40 @@ class XTAM(nn.Module):
         self.proj = conv_bn_relu(proj_in, width)
 
     def forward(self, target: Tensor, source: Tensor) -> Tensor:
-        f_dir = self.extract(source)
-        parts = []
-        if self.sa is not None:
-            parts.append(self.sa(f_dir))
-        if self.sxtam is not None:
-            parts.append(self.sxtam(target, f_dir))
-        if self.cxtam is not None:
-            parts.append(self.cxtam(target, f_dir))
-        return self.proj(torch.cat(parts, dim=1))
+        return self.run_pairs([self], [target], [source])[0]
 
+    @staticmethod
+    def run_pairs(pairs: Sequence[XTAM], targets: Sequence[Tensor],
+                  sources: Sequence[Tensor]) -> list[Tensor]:
+        """f_{s->t} of P pairs built alike, pair i from ``sources[i]`` to ``targets[i]``.
 
-def fused_conv_bn_relu(x: Tensor, blocks: Sequence[nn.Sequential]) -> Tensor:
-    """Several conv + BN + ReLU blocks on the same input, as one convolution.
-
-    The blocks' weights are concatenated along the output channels; batch normalisation is per
-    channel, so normalising the concatenation is the same as normalising each block. In training
-    mode each block's running statistics are updated exactly as its own BatchNorm would.
-    """
-    convs = [b[0] for b in blocks]
-    bns: list[nn.BatchNorm2d] = [b[1] for b in blocks]
-    y = F.conv2d(x, torch.cat([c.weight for c in convs]), None, convs[0].stride,
-                 convs[0].padding, convs[0].dilation)
-    bn = bns[0]
-    mean = torch.cat([b.running_mean for b in bns]) if bn.track_running_stats else None
-    var = torch.cat([b.running_var for b in bns]) if bn.track_running_stats else None
-    training = bn.training or not bn.track_running_stats
-    y = F.batch_norm(y, mean, var, torch.cat([b.weight for b in bns]),
-                     torch.cat([b.bias for b in bns]), training, bn.momentum or 0.0, bn.eps)
-    if bn.training and bn.track_running_stats:
-        with torch.no_grad():
-            sizes = [b.num_features for b in bns]
-            for b, m, v in zip(bns, mean.split(sizes), var.split(sizes)):
-                b.running_mean.copy_(m)
-                b.running_var.copy_(v)
-                b.num_batches_tracked.add_(1)
-    return F.relu(y)
+        Where pairs read the same input they share one operation: one extractor convolution
+        per distinct source tensor (the weights of its pairs concatenated), one query
+        convolution per distinct target tensor, and one attention call for all P pairs (pairs
+        as heads). The rest (gate, key/value, projection, channel attention) runs pair by pair,
+        with each pair's own modules. Pass the same tensor object for a shared input.
+        """
+        if len({_options(p) for p in pairs}) != 1:
+            raise ValueError("run_pairs needs pairs built with the same options")
+        first = pairs[0]
+        f_dir: list[Tensor] = list(sources)  # placeholders
+        for source, idx in _by_identity(sources):
+            y = F.relu(stacked_conv(source, [pairs[i].extract[0] for i in idx]))
+            for i, part in zip(idx, y.split(first.width, dim=1)):
+                f_dir[i] = part
+        parts: list[list[Tensor]] = [[] for _ in pairs]
+        if first.sa is not None:
+            for p, f, part in zip(pairs, f_dir, parts):
+                part.append(p.sa(f))
+        if first.sxtam is not None:
+            sx = SpatialCrossTaskAttention.run([p.sxtam for p in pairs], targets, f_dir)
+            for y, part in zip(sx, parts):
+                part.append(y)
+        if first.cxtam is not None:
+            for p, t, f, part in zip(pairs, targets, f_dir, parts):
+                part.append(p.cxtam(t, f))
+        return [p.proj(torch.cat(part, dim=1) if len(part) > 1 else part[0])
+                for p, part in zip(pairs, parts)]
 
 
 def resolve_source_order(
@@ -241,11 +304,10 @@ class ExchangeBlock(nn.Module):
     ``fusion``: ``add`` f_t + post(F_t) (the paper), ``prod`` f_t * post(F_t), ``concat``
     post([f_t, F_t]); F_t concatenates the directional features in ``source_order``.
 
-    ``batched`` (default) computes the pairs together: one extractor convolution per source
-    (all its targets' extractors concatenated), one query convolution per target, one
-    key+value and one gate+feature convolution per pair, and the attention of every pair in a
-    single ``scaled_dot_product_attention`` call. Same parameters and outputs as the loop over
-    pairs (``batched=False``, the reference), up to float rounding.
+    ``batched`` (default) computes all the pairs with one :meth:`XTAM.run_pairs` call: one
+    extractor convolution per source, one query convolution per target, one attention call;
+    ``batched=False`` calls each pair (``run_pairs`` of one pair). The same code, parameters and
+    outputs (up to float rounding).
 
     ``checkpoint`` recomputes the block in the backward pass instead of keeping its activations
     (the largest share of the model's training memory: extractor, gate, query/key/value and
@@ -295,12 +357,14 @@ class ExchangeBlock(nn.Module):
         return self._forward(feats)
 
     def _forward(self, feats: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        keys = [(t, s) for t, sources in self.order.items() for s in sources]
+        pairs = [self.pairs[t][s] for t, s in keys]
+        targets, sources = [feats[t] for t, _ in keys], [feats[s] for _, s in keys]
         if self.batched:
-            directional = self._directional_batched(feats)
+            outs = XTAM.run_pairs(pairs, targets, sources)
         else:
-            directional = {(t, s): self.pairs[t][s](feats[t], feats[s])
-                           for t, sources in self.order.items() for s in sources}
-        return self._fuse(feats, directional)
+            outs = [pair(t, s) for pair, t, s in zip(pairs, targets, sources)]
+        return self._fuse(feats, dict(zip(keys, outs)))
 
     def _fuse(self, feats: Mapping[str, Tensor],
               directional_by_pair: Mapping[tuple[str, str], Tensor]) -> dict[str, Tensor]:
@@ -314,66 +378,3 @@ class ExchangeBlock(nn.Module):
             else:
                 out[t] = feats[t] + self.post[t](torch.cat(directional, dim=1))
         return out
-
-    def _directional_batched(self, feats: Mapping[str, Tensor]) -> dict[tuple[str, str], Tensor]:
-        """f_{s->t} for every pair, with the pairs' convolutions and attention batched."""
-        pairs = [(t, s) for t, sources in self.order.items() for s in sources]
-        # Extractors: one convolution per source for all its targets.
-        f_dir: dict[tuple[str, str], Tensor] = {}
-        for s in self.order:
-            targets = [t for t, src in pairs if src == s]
-            convs = [self.pairs[t][s].extract[0] for t in targets]
-            y = F.relu(F.conv2d(feats[s], torch.cat([c.weight for c in convs]),
-                                torch.cat([c.bias for c in convs]), padding=1))
-            f_dir.update(zip(((t, s) for t in targets), y.split(convs[0].out_channels, 1)))
-        parts: dict[tuple[str, str], list[Tensor]] = {p: [] for p in pairs}
-        first = self.pairs[pairs[0][0]][pairs[0][1]]
-        if first.sa is not None:
-            for t, s in pairs:
-                sa = self.pairs[t][s].sa
-                both = F.conv2d(f_dir[t, s], torch.cat([sa.feat.weight, sa.gate.weight]),
-                                padding=1)
-                feat, gate = both.chunk(2, dim=1)
-                parts[t, s].append(feat * torch.sigmoid(gate))
-        if first.sxtam is not None:
-            for pair, y in self._sxtam_batched(feats, f_dir, pairs).items():
-                parts[pair].append(y)
-        if first.cxtam is not None:
-            for t, s in pairs:
-                parts[t, s].append(self.pairs[t][s].cxtam(feats[t], f_dir[t, s]))
-        return {(t, s): self.pairs[t][s].proj(torch.cat(parts[t, s], dim=1)) for t, s in pairs}
-
-    def _sxtam_batched(self, feats: Mapping[str, Tensor], f_dir: Mapping[tuple[str, str], Tensor],
-                       pairs: list[tuple[str, str]]) -> dict[tuple[str, str], Tensor]:
-        first = self.pairs[pairs[0][0]][pairs[0][1]].sxtam
-        ds, width = first.downsample, first.value[0].out_channels
-        queries: dict[tuple[str, str], Tensor] = {}
-        for t in self.order:  # one query convolution per target
-            sources = [s for tt, s in pairs if tt == t]
-            x = feats[t][..., ::ds, ::ds] if ds > 1 else feats[t]
-            q = fused_conv_bn_relu(x, [self.pairs[t][s].sxtam.query for s in sources])
-            queries.update(zip(((t, s) for s in sources), q.split(width, 1)))
-        keys, values = [], []
-        for t, s in pairs:  # key and value of a pair share their input
-            sx = self.pairs[t][s].sxtam
-            y = F.max_pool2d(f_dir[t, s], ds, ds, ceil_mode=True) if ds > 1 else f_dir[t, s]
-            k, v = fused_conv_bn_relu(y, [sx.key, sx.value]).split(width, 1)
-            keys.append(k)
-            values.append(v)
-        q = torch.stack([queries[p] for p in pairs], 1)  # [B, P, C, hq, wq]
-        k, v = torch.stack(keys, 1), torch.stack(values, 1)
-        b, n_pairs, c, hq, wq = q.shape
-        # [B, P, N, C], contiguous (see attend(): the fused kernels need it)
-        q, k, v = (x.flatten(3).transpose(2, 3).contiguous() for x in (q, k, v))
-        if first.attention == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            logits = q @ k.transpose(2, 3) / math.sqrt(c)
-            out = torch.softmax(logits, dim=-1) @ v
-        out = out.transpose(2, 3).reshape(b, n_pairs * c, hq, wq)
-        h, w = feats[pairs[0][0]].shape[-2:]
-        if ds > 1:
-            out = F.interpolate(out, scale_factor=ds, mode="nearest")[..., :h, :w]
-        if first.alpha is not None:
-            out = out * torch.cat([self.pairs[t][s].sxtam.alpha for t, s in pairs], dim=1)
-        return dict(zip(pairs, out.split(c, 1)))

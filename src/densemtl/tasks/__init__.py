@@ -1,5 +1,5 @@
-"""Dense prediction tasks: one declaration each (``semseg``, ``depth``, ``normals``, ``edges``)
-and the registry every other module looks tasks up in.
+"""Dense prediction tasks: one declaration each (``semseg``, ``depth``, ``normals``, ``edges``,
+and ``disp``, depth learned from video) and the registry every other module looks tasks up in.
 
     from densemtl.tasks import get_task, register_task
     get_task("depth").decode(raw)          # metres
@@ -19,16 +19,18 @@ from .base import (
     unregister_task,
 )
 from .depth import DepthTask, depth_to_inverse, inverse_to_depth
+from .disp import DispTask
 from .edges import EdgesTask
 from .normals import NormalsTask
 from .semseg import SemsegTask
 
-for _task in (SemsegTask, DepthTask, NormalsTask, EdgesTask):
+for _task in (SemsegTask, DepthTask, NormalsTask, EdgesTask, DispTask):
     register_task(_task)
 
 __all__ = [
     "IGNORE_INDEX",
     "DepthTask",
+    "DispTask",
     "EdgesTask",
     "NormalsTask",
     "SemsegTask",

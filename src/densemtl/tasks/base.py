@@ -143,6 +143,9 @@ class Task:
             for it (see :meth:`derive`), e.g. normals from ``depth`` and ``K``.
         uses_classes: the label holds ids of the dataset's classes (so two datasets trained
             together must share their class set).
+        shares_label: the task is scored against the label of the task that owns
+            ``label_key`` (registered first) and has no label handling of its own: datasets read
+            that task's label for it, and transforms and batches treat it as that task's.
         default_channels: output channels when the config gives none (None: required).
         loss / metric: the :class:`TaskLoss` and :class:`TaskMetric` classes.
         main_metric: the metric delta_m and model selection use.
@@ -157,6 +160,7 @@ class Task:
     label_resize: ClassVar[str] = "nearest"
     derived_from: ClassVar[tuple[str, ...]] = ()
     uses_classes: ClassVar[bool] = False
+    shares_label: ClassVar[bool] = False
     default_channels: ClassVar[int | None] = 1
     loss: ClassVar[type[TaskLoss]]
     metric: ClassVar[type[TaskMetric]]
@@ -308,6 +312,11 @@ def register_task(task: Task | type[Task], *, replace: bool = False) -> Task:
     for attr in ("name", "loss", "metric", "main_metric"):
         if not hasattr(task, attr):
             raise TypeError(f"task {type(task).__name__} does not declare '{attr}'")
+    for attr, base in (("loss", TaskLoss), ("metric", TaskMetric)):
+        value = getattr(task, attr)
+        if not (isinstance(value, type) and issubclass(value, base)):
+            raise TypeError(f"task '{task.name}': {attr} must be a {base.__name__} subclass, "
+                            f"got {value!r}")
     if task.label_resize not in LABEL_RESIZES:
         raise ValueError(f"task '{task.name}': label_resize must be one of {LABEL_RESIZES}")
     task.higher_is_better(task.main_metric)  # the main metric must have a direction
@@ -316,19 +325,25 @@ def register_task(task: Task | type[Task], *, replace: bool = False) -> Task:
         raise ValueError(f"a task named '{task.name}' is already registered "
                          "(pass replace=True to replace it)")
     other = _BY_LABEL.get(task.label_key)
-    if other is not None and other.name != task.name:
+    if task.shares_label:
+        if other is None or other.name == task.name:
+            raise ValueError(f"task '{task.name}' shares the label '{task.label_key}', but no "
+                             "task owning that label is registered")
+    elif other is not None and other.name != task.name:
         raise ValueError(f"label key '{task.label_key}' already belongs to task '{other.name}'")
-    if old is not None:
+    if old is not None and not old.shares_label:
         del _BY_LABEL[old.label_key]
     _REGISTRY[task.name] = task
-    _BY_LABEL[task.label_key] = task
+    if not task.shares_label:
+        _BY_LABEL[task.label_key] = task
     return task
 
 
 def unregister_task(name: str) -> None:
     """Forget the task ``name`` (tests that register temporary tasks use this)."""
     task = _REGISTRY.pop(name)
-    del _BY_LABEL[task.label_key]
+    if not task.shares_label:
+        del _BY_LABEL[task.label_key]
 
 
 def get_task(name: str) -> Task:
@@ -336,7 +351,10 @@ def get_task(name: str) -> Task:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown task '{name}'; known tasks: {', '.join(_REGISTRY)}") from None
+        raise ValueError(
+            f"unknown task '{name}'; known tasks: {', '.join(_REGISTRY)} (a task of your own "
+            "must be registered with register_task, e.g. in a module listed under 'imports:' "
+            "in the config)") from None
 
 
 def registered_tasks() -> dict[str, Task]:

@@ -1,6 +1,7 @@
 """Training: the LightningModule, optimisers and schedules, CLI, reports, prediction."""
 
 from .module import MultiTaskModule
+from .selfsup import SelfSupervisedDepthModule
 from .uda import AdaptationModule
 
-__all__ = ["AdaptationModule", "MultiTaskModule"]
+__all__ = ["AdaptationModule", "MultiTaskModule", "SelfSupervisedDepthModule"]

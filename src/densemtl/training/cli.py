@@ -12,6 +12,7 @@ import csv
 import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,9 @@ class DenseCLI(LightningCLI):
 
 def make_cli(args: list[str], run: bool = True, cli_class: type[DenseCLI] = DenseCLI) -> DenseCLI:
     """The densemtl LightningCLI (``run=False``: no subcommand in ``args``)."""
+    # ``args`` is the command line itself (the ``densemtl`` dispatcher strips the subcommand's
+    # name), so LightningCLI's warning about args given next to sys.argv does not apply
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
     return cli_class(
         LightningModule,
         LightningDataModule,

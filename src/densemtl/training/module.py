@@ -145,8 +145,14 @@ class MultiTaskModule(L.LightningModule):
         self.criterion.epoch_end(means)
         self._epoch_losses = {}
 
+    def extra_param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser groups of modules beside the network and the loss (a subclass's own
+        networks), each with its ``lr``; they follow the same schedule."""
+        return []
+
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(self.net, self.criterion, self.optimizer_cfg)
+        optimizer = build_optimizer(self.net, self.criterion, self.optimizer_cfg,
+                                    self.extra_param_groups())
         scheduler = build_scheduler(optimizer, self.scheduler_cfg,
                                     total_steps=self.trainer.estimated_stepping_batches)
         if scheduler is None:

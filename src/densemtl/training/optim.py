@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,9 +17,10 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
-def build_optimizer(net: nn.Module, extra: nn.Module | None,
-                    cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """Two groups: ``encoder`` at ``backbone_lr`` and everything else (``extra`` too) at ``lr``.
+def build_optimizer(net: nn.Module, extra: nn.Module | None, cfg: Mapping[str, Any],
+                    groups: Sequence[dict[str, Any]] = ()) -> torch.optim.Optimizer:
+    """Two groups: ``encoder`` at ``backbone_lr`` and everything else (``extra`` too) at ``lr``,
+    followed by ``groups`` (parameter groups with their own ``lr``, e.g. a pose network's).
 
     ``cfg``: ``name``, ``lr``, optional ``backbone_lr`` and the optimiser's keyword options
     (``betas``, ``weight_decay``, ``momentum``, ...).
@@ -39,7 +40,7 @@ def build_optimizer(net: nn.Module, extra: nn.Module | None,
         rest += list(extra.parameters())
     groups = [{"params": [p for p in net.parameters() if id(p) in enc_ids], "lr": backbone_lr,
                "name": "encoder"},
-              {"params": rest, "lr": lr, "name": "rest"}]
+              {"params": rest, "lr": lr, "name": "rest"}, *groups]
     groups = [g for g in groups if g["params"]]
     if "betas" in cfg:
         cfg["betas"] = tuple(cfg["betas"])
