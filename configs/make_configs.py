@@ -156,6 +156,10 @@ def synthetic_configs() -> dict[Path, dict[str, Any]]:
     return out
 
 
+# segmentation supervised at scales 0 and 2, depth learned from video at 0-3 (the paper)
+SDE_SCALES = {"semseg": [0, 2], "disp": [0, 1, 2, 3]}
+
+
 def sde_config(dataset: str, method: str, *, classes: int, size: tuple[int, int],
                crop: tuple[int, int] | None, pretrained: bool, encoder: str,
                decoder: dict[str, Any], lr: tuple[float, float, float], steps: dict[str, Any],
@@ -203,7 +207,7 @@ def sde_configs() -> dict[Path, dict[str, Any]]:
         out[HERE / "cityscapes" / f"sde_{method}_sd.yaml"] = sde_config(
             "cityscapes", method, classes=16, size=(512, 1024), crop=(512, 512),
             pretrained=True, encoder="resnet101",
-            decoder={**PAPER_DECODER, "scales": [0, 1, 2, 3]}, lr=(1e-5, 5e-5, 1e-6),
+            decoder={**PAPER_DECODER, "scales": SDE_SCALES}, lr=(1e-5, 5e-5, 1e-6),
             steps={"name": "step", "step_size": 30000, "gamma": 0.1},
             data={"batch_size": 2, "num_workers": 4, "hflip": 0.5},
             options={"num_classes": 16}, max_depth=80.0,
@@ -213,14 +217,15 @@ def sde_configs() -> dict[Path, dict[str, Any]]:
         out[HERE / "synthetic" / f"sde_{method}_sd.yaml"] = sde_config(
             "synthetic", method, classes=10, size=(96, 128), crop=None, pretrained=False,
             encoder="resnet18", decoder={"num_ch_dec": [16, 32, 32, 64, 64],
-                                         "scales": [0, 1, 2, 3]},
-            lr=(1e-3, 1e-3, 1e-4), steps={"name": "poly", "power": 0.9},
+                                         "scales": SDE_SCALES},
+            lr=(1e-3, 1e-3, 1e-3), steps={"name": "poly", "power": 0.9},
             data={"batch_size": 8, "num_workers": 1, "hflip": 0.5,
                   "synthesize": {"train": 600, "val": 100, "height": 96, "width": 128,
                                  "seed": 0, "sequence": True}},
             options={}, max_depth=20.0,
-            trainer={"accelerator": "cpu", "devices": 1, "max_steps": 280,
-                     "val_check_interval": 140, "check_val_every_n_epoch": None,
+            # from scratch, depth from video needs more steps than the supervised configs
+            trainer={"accelerator": "cpu", "devices": 1, "max_steps": 1000,
+                     "val_check_interval": 500, "check_val_every_n_epoch": None,
                      "log_every_n_steps": 20, "num_sanity_val_steps": 0,
                      "gradient_clip_val": 10.0})
     return out

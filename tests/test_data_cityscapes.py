@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from densemtl.data.cityscapes import MEAN_K, CityscapesDataset
+from densemtl.data.transforms import build_transforms
 from densemtl.io import DataError
 
 from test_data_helpers import grey_png, rgb_image, write_json
@@ -120,3 +122,76 @@ def test_bad_input(tmp_path):
         CityscapesDataset(root, "train", ["semseg"])[0]
     with pytest.raises(FileNotFoundError, match="leftImg8bit"):
         CityscapesDataset(root, "val", ["semseg"])
+
+
+def write_sequence(root, split="train", size=(H, W)):
+    """leftImg8bit_sequence frames 18 and 20 around each labelled frame 19: frame 18 is the
+    labelled image itself (at ``size``), frame 20 another random image."""
+    out = {}
+    for k, (city, seq) in enumerate((("aachen", "000000"), ("bochum", "000001"))):
+        image = np.asarray(Image.open(
+            root / "leftImg8bit" / split / city / f"{city}_{seq}_000019_leftImg8bit.png"))
+        folder = root / "leftImg8bit_sequence" / split / city
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).resize(size[::-1], Image.NEAREST).save(
+            folder / f"{city}_{seq}_000018_leftImg8bit.png")
+        out[city] = rgb_image(folder / f"{city}_{seq}_000020_leftImg8bit.png", *size, seed=10 + k)
+    return out
+
+
+def test_sequence_frames_are_read_around_the_labelled_frame(tmp_path):
+    root = make_cityscapes(tmp_path)
+    later = write_sequence(root)
+    ds = CityscapesDataset(root, "train", ["semseg", "depth"], frames=[-1, 1], validate=True)
+    s = ds[1]
+    assert s["frame_offsets"] == [-1, 1] and s["frames"].shape == (2, 3, H, W)
+    assert torch.equal(s["frames"][0], s["image"])  # frame 18 is a copy of the labelled image
+    expected = torch.from_numpy(later["bochum"]).permute(2, 0, 1).float() / 255
+    assert torch.equal(s["frames"][1], expected)
+    assert "poses" not in s  # Cityscapes has no ground-truth motion
+    # one shared crop and flip for the image and its frames, intrinsics updated once
+    torch.manual_seed(0)
+    train = CityscapesDataset(root, "train", ["semseg"], frames=[-1, 1],
+                              transform=build_transforms(H, W, train=True, crop=(6, 10)))
+    for _ in range(4):
+        t = train[0]
+        assert t["frames"].shape == (2, 3, 6, 10)
+        assert torch.equal(t["frames"][0], t["image"])
+
+
+def test_sequence_frames_of_another_size_are_resized(tmp_path):
+    """Full-size frames next to pre-resized images: resized to the image (same camera)."""
+    root = make_cityscapes(tmp_path)
+    yy, xx = np.mgrid[0 : 2 * H, 0 : 2 * W]
+    smooth = np.stack([xx * 4, yy * 8, xx + yy], -1).astype(np.uint8)  # gentle ramps
+    for city, seq in (("aachen", "000000"), ("bochum", "000001")):
+        folder = root / "leftImg8bit_sequence" / "train" / city
+        folder.mkdir(parents=True)
+        Image.fromarray(smooth).save(folder / f"{city}_{seq}_000018_leftImg8bit.png")
+    s = CityscapesDataset(root, "train", [], frames=[-1])[0]
+    assert s["frames"].shape == (1, 3, H, W)
+    half = torch.from_numpy(smooth[::2, ::2] + np.array([2, 4, 1])).permute(2, 0, 1) / 255
+    assert (s["frames"][0] - half.float()).abs()[:, 1:-1, 1:-1].max() < 2.5 / 255
+    with pytest.raises(DataError, match="frame -1 is"):  # another aspect ratio: refused
+        Image.fromarray(smooth[:, :W]).save(folder / "bochum_000001_000018_leftImg8bit.png")
+        CityscapesDataset(root, "train", [], frames=[-1])[1]
+
+
+def test_missing_sequence_frames_are_named_or_skipped(tmp_path):
+    root = make_cityscapes(tmp_path)
+    write_sequence(root)
+    gone = (root / "leftImg8bit_sequence" / "train" / "aachen"
+            / "aachen_000000_000020_leftImg8bit.png")
+    gone.unlink()
+    with pytest.raises(FileNotFoundError, match=r"aachen_000000_000020_leftImg8bit\.png"):
+        CityscapesDataset(root, "train", ["semseg"], frames=[-1, 1])
+    with pytest.warns(UserWarning, match="1 sample"):
+        ds = CityscapesDataset(root, "train", ["semseg"], frames=[-1, 1], on_missing="drop_sample")
+    assert ds.ids == ["bochum/bochum_000001_000019"]
+    with pytest.raises(FileNotFoundError, match="missing frame"):
+        CityscapesDataset(root, "train", ["semseg"], frames=[-1, 1], on_missing="drop_label")
+    # without frames nothing of the sequence package is needed
+    assert len(CityscapesDataset(root, "train", ["semseg"])) == 2
+    with pytest.raises(FileNotFoundError, match="leftImg8bit_sequence"):
+        CityscapesDataset(root, "train", ["semseg"], frames=[1],
+                          sequence_folder="leftImg8bit_sequence_missing")

@@ -143,7 +143,7 @@ def test_stored_poses_follow_the_camera_motion(seq):
         torch.testing.assert_close(P[0] @ P[1], torch.eye(4, dtype=torch.float64), atol=1e-6,
                                    rtol=0)
         step = P[1, :3, 3].norm()
-        assert 0.06 <= step <= 0.19  # a slow walk
+        assert 0.15 <= step <= 0.31  # a walk at a few frames per second
         angle = Rotation.from_matrix(P[1, :3, :3].numpy()).magnitude()
         assert angle < math.radians(2.5)
     # a hand-built motion: a camera turned by 30 degrees, stepping 10 cm forward and yawing
@@ -303,21 +303,24 @@ def test_photometric_loss_prefers_the_true_depth_and_pose():
 
 def test_a_flipped_sequence_sample_still_warps_exactly(seq):
     """Flipping mirrors the image, the frames, K and the poses consistently: the warp from the
-    flipped neighbour with the flipped depth reconstructs the flipped image as well as before."""
+    flipped neighbours with the flipped depth reconstructs the flipped image as well as before,
+    while the unmirrored poses do not."""
     ds = SyntheticDataset(seq, "train", ["depth"], frames=[-1, 1])
     inner = (slice(None), slice(None), slice(4, -4), slice(4, -4))
 
-    def error(s, poses=None):
-        T = (s["poses"] if poses is None else poses)[1][None]
-        warped = warp(s["frames"][1][None], s["depth"][None], s["K"][None], T)
-        return photometric_error(warped, s["image"][None], 0.0)[inner].mean().item()
+    def error(s, poses=None) -> float:
+        poses = s["poses"] if poses is None else poses
+        warped = warp(s["frames"], s["depth"].expand(2, 1, H, W), s["K"].expand(2, 3, 3), poses)
+        return photometric_error(warped, s["image"].expand(2, 3, H, W), 0.0)[inner].mean().item()
 
-    for i in range(3):
+    right = wrong = 0.0
+    for i in range(len(ds)):
         s = ds[i]
         f = hflip(s)
         assert torch.equal(f["frames"], s["frames"].flip(-1))
-        assert error(f) == pytest.approx(error(s), rel=0.15, abs=0.003)
-        assert error(f, s["poses"]) > error(f) + 0.005  # the unmirrored pose is wrong
+        assert error(f) == pytest.approx(error(s), rel=0.02)
+        right, wrong = right + error(f), wrong + error(f, s["poses"])
+    assert wrong > 1.5 * right, (wrong, right)
 
 
 # --- data and training ----------------------------------------------------------------------------
@@ -340,16 +343,17 @@ if "synthetic_no_train_depth" not in DATASETS:
 
 
 def sde_module(**kwargs) -> SelfSupervisedDepthModule:
-    kwargs = {"pose_lr": 1e-4, **kwargs}
-    return SelfSupervisedDepthModule(
-        tasks={"semseg": {"channels": 10}, "disp": {}},
-        network={"arch": "densemtl",
-                 "encoder": {"name": "resnet18", "pretrained": False, "dilated": True},
-                 "decoder": {"num_ch_dec": [8, 16, 16, 32, 32], "scales": [0, 1, 2, 3]}},
-        loss={"weights": {"semseg": 1.0, "disp": 1.0}, "scales": [0, 2]},
-        optimizer={"name": "adam", "lr": 1e-3, "betas": [0.9, 0.999]},
-        pose_network={"pretrained": False}, grid_samples=0,
-        constant_fit_batches=0, **kwargs)
+    options = {
+        "tasks": {"semseg": {"channels": 10}, "disp": {}},
+        "network": {"arch": "densemtl",
+                    "encoder": {"name": "resnet18", "pretrained": False, "dilated": True},
+                    "decoder": {"num_ch_dec": [8, 16, 16, 32, 32],
+                                "scales": {"semseg": [0, 2], "disp": [0, 1, 2, 3]}}},
+        "loss": {"weights": {"semseg": 1.0, "disp": 1.0}, "scales": [0, 2]},
+        "optimizer": {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.999]},
+        "pose_network": {"pretrained": False}, "pose_lr": 1e-4, "grid_samples": 0,
+        "constant_fit_batches": 0}
+    return SelfSupervisedDepthModule(**{**options, **kwargs})
 
 
 def data_module(root, dataset="synthetic", **kwargs) -> DenseDataModule:
@@ -446,3 +450,123 @@ def test_sde_config_fits_and_tests_from_the_command_line(tmp_path, monkeypatch):
     for key in ("disp/absRel", "disp/rmse", "disp/delta1", "semseg/mIoU"):
         assert key in values and math.isfinite(values[key]), key
     assert (tmp_path / "data/synthetic_seq/sequence").is_dir()
+
+
+def test_decoder_scales_per_task():
+    module = sde_module()
+    out = module(torch.rand(2, 3, H, W))
+    assert sorted(out["semseg"]) == [0, 2] and sorted(out["disp"]) == [0, 1, 2, 3]
+    assert out["disp"][3].shape[-2:] == (H // 8, W // 8)
+    with pytest.raises(ValueError, match="does not have"):
+        sde_module(network={"arch": "mtl", "encoder": {"name": "resnet18", "pretrained": False},
+                            "decoder": {"scales": {"depth": [0]}}})
+
+
+def test_photometric_loss_stays_fp32_under_bf16_autocast(seq):
+    torch.manual_seed(0)
+    data = data_module(seq, label_fraction={"disp": 0.0}, hflip=0.0)
+    data.setup("fit")
+    from densemtl.data.sample import collate
+
+    batch = collate([data.dataset("train")[i] for i in range(2)])
+    module = sde_module().eval()
+    with torch.no_grad():
+        outputs = module(batch["image"])
+        ref = module.self_supervised_loss(outputs, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = module.self_supervised_loss(
+                {t: {s: v.bfloat16() for s, v in o.items()} for t, o in outputs.items()}, batch)
+    assert low["photometric"].dtype == torch.float32
+    # the inputs were rounded to bf16 (8 bits of mantissa); the loss itself ran in fp32
+    assert low["photometric"].item() == pytest.approx(ref["photometric"].item(), rel=0.02)
+
+
+def sde_cli_args(root: Path, run: Path, steps: int, every: int) -> list[str]:
+    return ["--config", str(ROOT / "configs/synthetic/sde_densemtl_sd.yaml"),
+            "--data.init_args.root", str(root), "--data.init_args.synthesize", "null",
+            "--data.init_args.height", str(H), "--data.init_args.width", str(W),
+            "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+            "--data.init_args.hflip", "0.0", "--trainer.default_root_dir", str(run),
+            "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(every),
+            "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1",
+            "--trainer.log_every_n_steps", "1",
+            "--model.init_args.constant_fit_batches", "0", "--model.init_args.grid_samples",
+            "0"]
+
+
+def test_sde_resume_restores_the_pose_network_and_its_optimiser_group(seq, tmp_path):
+    """6 steps in one go == 3 steps, then resumed to 6 (6 samples, batch 2: epochs of 3; the
+    poly schedule told its length, so that the 3-step run follows the same learning rates)."""
+    poly = ["--model.init_args.scheduler", '{"name": "poly", "power": 0.9, "total_steps": 6}']
+    assert cli(["fit", *sde_cli_args(seq, tmp_path / "a", 6, 3), *poly]) == 0
+    assert cli(["fit", *sde_cli_args(seq, tmp_path / "b", 3, 3), *poly]) == 0
+    assert cli(["fit", *sde_cli_args(seq, tmp_path / "b", 6, 3), *poly,
+                "--ckpt_path", "last"]) == 0
+    a = torch.load(tmp_path / "a/checkpoints/last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 6
+    groups = a["optimizer_states"][0]["param_groups"]
+    assert [g["name"] for g in groups] == ["encoder", "rest", "pose"]
+    pose = [k for k in a["state_dict"] if k.startswith("pose_net.")]
+    assert len(pose) > 100
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-4, atol=2e-5,
+                                   msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_sde_trains_and_evaluates_with_ddp_on_two_processes(seq, tmp_path):
+    """Two CPU processes train (finite losses), and validating the checkpoint on two processes
+    gives the one-process metrics (median scaling is per image, the sums are all-reduced)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    run = tmp_path / "ddp"
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    proc = subprocess.run([sys.executable, "-m", "densemtl", "fit",
+                           *sde_cli_args(seq, run, 2, 2), *ddp],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = run / "checkpoints/last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 2
+    rows = (run / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    photometric = [float(r.split(",")[header.index("train/photometric")]) for r in rows[1:]
+                   if r.split(",")[header.index("train/photometric")]]
+    assert photometric and all(0 < v < 1 for v in photometric)
+    results = {}
+    for devices, extra in ((1, []), (2, ddp)):
+        out = tmp_path / f"val{devices}"
+        args = [*sde_cli_args(seq, out, 2, 2), "--trainer.limit_val_batches", "1.0",
+                "--trainer.devices", str(devices), *extra[2:]]
+        proc = subprocess.run([sys.executable, "-m", "densemtl", "validate", *args,
+                               "--ckpt_path", str(ckpt)],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[devices] = json.loads((out / "metrics/val-last.json").read_text())["metrics"]
+    assert "disp/absRel" in results[1]
+    for name, value in results[1].items():  # (a class absent from these 3 images: NaN IoU)
+        assert results[2][name] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), name
+
+
+def test_given_poses_replace_the_pose_network(seq):
+    """With the camera motion known (``pose: given``) no pose network is built and the loss
+    uses the batch's poses: the exact ones give a lower loss than a wrong motion."""
+    module = sde_module(pose="given")
+    assert module.pose_net is None and module.extra_param_groups() == []
+    data = data_module(seq, label_fraction={"disp": 0.0}, hflip=0.0)
+    data.setup("fit")
+    from densemtl.data.sample import collate
+
+    batch = collate([data.dataset("train")[i] for i in range(4)])
+    with torch.no_grad():
+        outputs = module(batch["image"])
+        exact = module.self_supervised_loss(outputs, batch)["photometric"]
+        wrong = module.self_supervised_loss(
+            outputs, {**batch, "poses": torch.linalg.inv(batch["poses"])})["photometric"]
+    assert exact < wrong
+    with pytest.raises(KeyError, match="known poses"):
+        module.self_supervised_loss(outputs, {k: v for k, v in batch.items() if k != "poses"})
+    with pytest.raises(ValueError, match="'network' or 'given'"):
+        sde_module(pose="odometry")

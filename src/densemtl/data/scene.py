@@ -296,9 +296,9 @@ class Motion:
 
 
 def sample_motion(rng: np.random.Generator) -> Motion:
-    """A slow forward walk (6-18 cm per frame) with a little sideways and vertical drift and a
-    little yaw (up to 2 degrees per frame) and pitch (up to 0.9 degrees)."""
-    step = np.array([rng.uniform(-0.03, 0.03), rng.uniform(-0.01, 0.01), rng.uniform(0.06, 0.18)])
+    """A walk filmed at a few frames per second: 15-30 cm forward per frame, up to 6 cm sideways
+    and 2 cm vertical drift, up to 2 degrees of yaw and 0.9 degrees of pitch per frame."""
+    step = np.array([rng.uniform(-0.06, 0.06), rng.uniform(-0.02, 0.02), rng.uniform(0.15, 0.30)])
     yaw, pitch = rng.uniform(-0.035, 0.035), rng.uniform(-0.015, 0.015)
     return Motion(step, _rot_y(yaw) @ _rot_x(pitch))
 

@@ -85,7 +85,10 @@ class DenseMTL(MultiTaskNet):
         tasks: ordered ``{task: output channels}``; the order fixes the fusion order.
         encoder: ``build_encoder`` options (name, pretrained, dilated, normalisation,
             out_indices, options); any number L of feature levels.
-        decoder: ``TaskDecoder`` options (num_ch_dec with L entries, scales, aspp, ...).
+        decoder: ``TaskDecoder`` options (num_ch_dec with L entries, scales, aspp, ...);
+            ``scales`` may also be a mapping ``{task: scales}`` (a task not named keeps the
+            default), e.g. a depth head learned from video at four scales next to a
+            segmentation head at two.
         exchange: ``stages`` (decoder levels in 0..L-1 after which an mTEB runs),
             ``attn_stride`` (the stride at which SxTAM attends, 8 as the paper: its downsample
             is attn_stride / the stride of that level's output, at least 1), ``fusion``,
@@ -116,8 +119,18 @@ class DenseMTL(MultiTaskNet):
         decoder = dict(decoder or {})
         decoder["num_ch_dec"] = resolve_num_ch_dec(
             decoder.get("num_ch_dec"), levels, f"encoder '{self.encoder.name}'")
+        scales = decoder.pop("scales", None)
+        if isinstance(scales, Mapping):
+            unknown = set(scales) - set(self.tasks)
+            if unknown:
+                raise ValueError(f"decoder scales name task(s) {sorted(unknown)} that the model "
+                                 f"does not have ({list(self.tasks)})")
+        per_task = {t: (scales.get(t) if isinstance(scales, Mapping) else scales)
+                    for t in self.tasks}
         self.decoders = nn.ModuleDict(
-            {t: TaskDecoder(enc, ch, **decoder) for t, ch in self.tasks.items()})
+            {t: TaskDecoder(enc, ch, **decoder,
+                            **({} if per_task[t] is None else {"scales": per_task[t]}))
+             for t, ch in self.tasks.items()})
         opts = {**self.default_exchange, **(exchange or {})}
         unknown = set(opts) - set(self.default_exchange)
         if unknown:

@@ -16,8 +16,8 @@ frame (Monodepth2's recipe) is the loss:
 * an edge-aware smoothness of the mean-normalised disparity at its own resolution, weighted by
   ``1e-3 / 2^s``, is added; the loss is the mean over scales.
 
-Everything runs on the device in fp32 (also inside bf16 autocast) and reads nothing back on the
-host.
+All (sample, neighbour) pairs are warped as one batch; everything runs on the device in fp32
+(also inside bf16 autocast) and reads nothing back on the host.
 """
 
 from __future__ import annotations
@@ -122,25 +122,27 @@ class PhotometricLoss(nn.Module):
             raise KeyError(f"photometric loss: the depth head has no output at scale(s) "
                            f"{missing} (it has {sorted(raw)}); add them to the decoder's scales")
         with fp32_context(image.device):
-            image, frames = image.float(), frames.float()
-            K, poses = K.float(), poses.float()
-            h, w = image.shape[-2:]
-            unwarped = []
+            b, n, _, h, w = frames.shape
+            # every (sample, neighbour) pair is one item of a batch of B*F warps
+            sources = frames.float().flatten(0, 1)
+            targets = image.float().repeat_interleave(n, dim=0)
+            K_bf = K.float().repeat_interleave(n, dim=0)
+            poses_bf = poses.float().flatten(0, 1)
+            candidates = []
             if self.automask:
-                for i in range(frames.shape[1]):
-                    err = photometric_error(frames[:, i], image, self.ssim_weight)
-                    unwarped.append(err + self.tie_noise * torch.randn_like(err))
+                err = photometric_error(sources, targets, self.ssim_weight).view(b, n, h, w)
+                candidates.append(err + self.tie_noise * torch.randn_like(err))
             photo, smooth = [], []
             for s in self.scales:
                 disp = task.disparity(raw[s].float())
                 depth = task.depth_from_disparity(
                     F.interpolate(disp, size=(h, w), mode="bilinear", align_corners=False))
-                errors = [photometric_error(warp(frames[:, i], depth, K, poses[:, i]), image,
-                                            self.ssim_weight) for i in range(frames.shape[1])]
-                best = torch.cat(errors + unwarped, dim=1).amin(dim=1)
+                warped = warp(sources, depth.repeat_interleave(n, dim=0), K_bf, poses_bf)
+                errors = photometric_error(warped, targets, self.ssim_weight).view(b, n, h, w)
+                best = torch.cat([errors, *candidates], dim=1).amin(dim=1)
                 photo.append(best.mean())
-                small = image if disp.shape[-2:] == (h, w) else F.interpolate(
-                    image, size=disp.shape[-2:], mode="bilinear", align_corners=False,
+                small = image.float() if disp.shape[-2:] == (h, w) else F.interpolate(
+                    image.float(), size=disp.shape[-2:], mode="bilinear", align_corners=False,
                     antialias=True)
                 smooth.append(smoothness(disp, small) * (self.smoothness_weight / 2**s))
             photometric = torch.stack(photo).mean()
@@ -163,6 +165,9 @@ class SelfSupervisedDepthModule(MultiTaskModule):
     Keyword arguments (every other one goes to :class:`MultiTaskModule`):
         depth_task: the task learned from video (default ``disp``; it must provide
             ``disparity`` and ``depth_from_disparity``).
+        pose: ``network`` (the paper: a pose network learns the camera motion) or ``given``
+            (the camera motion is known: the batches' ``poses``, e.g. from odometry, or the
+            exact poses of the built-in sequences; no pose network is built).
         pose_network: :class:`~densemtl.models.posenet.PoseNet` options (``pretrained``...).
         pose_lr: learning rate of the pose network (the paper: 1e-6); it follows the schedule.
         photometric: :class:`PhotometricLoss` options (``scales``, ``ssim_weight``,
@@ -174,6 +179,7 @@ class SelfSupervisedDepthModule(MultiTaskModule):
         self,
         *,
         depth_task: str = "disp",
+        pose: str = "network",
         pose_network: dict[str, Any] | None = None,
         pose_lr: float = 1e-6,
         photometric: dict[str, Any] | None = None,
@@ -190,26 +196,32 @@ class SelfSupervisedDepthModule(MultiTaskModule):
                              "'disparity' / 'depth_from_disparity' (use the 'disp' task)")
         if pose_lr < 0 or photometric_weight < 0 or not math.isfinite(photometric_weight):
             raise ValueError("pose_lr and photometric_weight must be >= 0")
-        self.depth_task = depth_task
-        self.pose_net = PoseNet(**(pose_network or {}))
+        if pose not in ("network", "given"):
+            raise ValueError(f"pose must be 'network' or 'given', got {pose!r}")
+        self.depth_task, self.pose = depth_task, pose
+        self.pose_net = PoseNet(**(pose_network or {})) if pose == "network" else None
         self.pose_lr = float(pose_lr)
         self.photometric = PhotometricLoss(**(photometric or {}))
         self.photometric_weight = float(photometric_weight)
 
     def extra_param_groups(self) -> list[dict[str, Any]]:
+        if self.pose_net is None:
+            return []
         return [{"params": list(self.pose_net.parameters()), "lr": self.pose_lr,
                  "name": "pose"}]
 
     def self_supervised_loss(self, outputs: Mapping[str, Mapping[int, Tensor]],
                              batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """The photometric loss of one batch with ``frames``, ``frame_offsets`` and ``K``."""
-        for key in ("frames", "frame_offsets", "K"):
+        for key in ("frames", "frame_offsets", "K", *(("poses",) if self.pose == "given" else ())):
             if key not in batch:
                 raise KeyError(f"self-supervised depth needs '{key}' in the training batch: give "
                                "the data module 'frames: [-1, 1]' and a dataset with sequences "
-                               "and intrinsics")
-        offsets = batch["frame_offsets"][0]
-        poses = self.pose_net(batch["image"], batch["frames"], offsets)
+                               "and intrinsics" + (" and known poses" if key == "poses" else ""))
+        if self.pose_net is None:
+            poses = batch["poses"]
+        else:
+            poses = self.pose_net(batch["image"], batch["frames"], batch["frame_offsets"][0])
         return self.photometric(outputs[self.depth_task], get_task(self.depth_task),
                                 batch["image"], batch["frames"], batch["K"], poses)
 
