@@ -12,6 +12,7 @@ from torch import Tensor
 from densemtl.export import export_onnx, main
 from densemtl.models import build_model, save_model
 from densemtl.tasks import depth_to_inverse
+from densemtl.tasks.disp import depth_to_sigmoid
 
 from model_utils import randomise_, tiny
 
@@ -35,6 +36,12 @@ MODELS = {
     "densemtl": lambda: tiny(TASKS_SDN),
     "mtl": lambda: tiny({"depth": None, "edges": None}, arch="mtl"),
     "padnet_plus": lambda: tiny({"semseg": {"channels": 5}, "depth": None}, arch="padnet_plus"),
+    "stl": lambda: tiny({"normals": None}, arch="stl"),
+    "densemtl_sde": lambda: tiny({"semseg": {"channels": 5}, "disp": None},
+                                 decoder={"num_ch_dec": [8, 16, 16, 32, 32],
+                                          "scales": {"semseg": [0, 2], "disp": [0, 1, 2, 3]}}),
+    "densemtl_sdne": lambda: tiny({"semseg": {"channels": 5}, "depth": None, "normals": None,
+                                   "edges": None}),
     "timm_pvt_v2": lambda: build_model({
         "tasks": {"semseg": {"channels": 5}, "normals": None},
         "network": {"arch": "densemtl", "encoder": {"name": "timm:pvt_v2_b0", "pretrained": False},
@@ -59,6 +66,10 @@ def max_diff(task: str, got: np.ndarray, want: Tensor, raw: Tensor) -> float:
         inv_diff = (depth_to_inverse(got_t) - depth_to_inverse(want)).abs()
         assert (inv_diff <= RAW_ATOL + 1e-5 * depth_to_inverse(want).abs()).all(), task
         return float(inv_diff.max())
+    if task == "disp":  # compared as the head's sigmoid disparity (its derivative is <= 1/4)
+        sig_diff = (depth_to_sigmoid(got_t) - depth_to_sigmoid(want)).abs()
+        assert (sig_diff <= RAW_ATOL).all(), task
+        return float(sig_diff.max())
     elif task == "normals":
         bound = 2 * RAW_ATOL / raw.norm(dim=1, keepdim=True).clamp_min(1e-12)
         assert (diff <= bound + 1e-6).all(), task
@@ -125,4 +136,7 @@ def test_raw_dynamic_export_through_the_cli(models, tmp_path, capsys):
             assert diff <= RAW_ATOL, t
 
     assert main(["--ckpt", str(ckpt), "--out", str(out), "--height", "40"]) == 1
+    assert "exists already; pass --overwrite" in capsys.readouterr().err  # nothing replaced
+    assert main(["--ckpt", str(ckpt), "--out", str(out), "--height", "40", "--overwrite"]) == 1
     assert "multiple of the encoder's largest stride (16)" in capsys.readouterr().err
+    assert out.is_file() and [p.name for p in out.parent.iterdir()] == ["raw.onnx"]

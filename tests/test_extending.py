@@ -243,14 +243,14 @@ def predict_and_export(tmp_path: Path, ckpt: Path, images: Path, tasks: list[str
     image = torch.from_numpy(read_rgb(first).copy()).permute(2, 0, 1).float() / 255
     expected = model.predict(image)
     for task in tasks:
-        saved = np.load(out / f"{first.stem}_{task}.npy")
+        saved = np.load(out / f"{first.name}.{task}.npy")
         assert saved.shape[-2:] == (H, W), task
-        png = np.asarray(Image.open(out / f"{first.stem}_{task}.png"))
+        png = np.asarray(Image.open(out / f"{first.name}.{task}.png"))
         assert png.shape == (H, W, 3) and png.std() > 0, task
-    fg = np.load(out / f"{first.stem}_foreground.npy") if "foreground" in tasks else None
+    fg = np.load(out / f"{first.name}.foreground.npy") if "foreground" in tasks else None
     if fg is not None:
         np.testing.assert_allclose(fg, expected["foreground"][0].numpy(), atol=1e-6)
-        png = np.asarray(Image.open(out / f"{first.stem}_foreground.png"))
+        png = np.asarray(Image.open(out / f"{first.name}.foreground.png"))
         assert (png[..., 1:] == 0).all()  # the test's own colouriser: red only
         np.testing.assert_array_equal(png[..., 0], np.round(fg * 255).astype(np.uint8))
 

@@ -58,12 +58,56 @@ def write_config(path: Path, data_root: Path, run: Path, **trainer) -> Path:
     return path
 
 
+FIT_OUTPUT: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_root) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("run")
     config = write_config(base / "config.yaml", data_root, base / "run")
-    assert cli(["fit", "--config", str(config)]) == 0
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli(["fit", "--config", str(config)]) == 0
+    FIT_OUTPUT.extend(out.getvalue().splitlines())
     return config, base / "run"
+
+
+def test_fit_without_a_progress_bar_prints_progress_lines(trained):
+    """enable_progress_bar false (and any non-terminal output): a line per half minute, the
+    first and the last step, and one per evaluation."""
+    steps = [line for line in FIT_OUTPUT if line.startswith("step ")]
+    assert steps[0].startswith("step 1/4 (epoch 0): loss ") and "s/step" in steps[0]
+    assert steps[-1].startswith("step 4/4") and "min left" in steps[-1]
+    evaluations = [line for line in FIT_OUTPUT if line.startswith("val at step ")]
+    assert [e.split(":")[0] for e in evaluations] == ["val at step 2", "val at step 4"]
+    assert "semseg/mIoU" in evaluations[-1]
+
+
+def test_evaluating_untrained_weights_needs_saying_so(trained, tmp_path):
+    config, _ = trained
+    out = tmp_path / "untrained"
+    assert cli(["validate", "--config", str(config), "--trainer.default_root_dir", str(out)]) == 2
+    assert not out.exists()
+    assert cli(["validate", "--config", str(config), "--trainer.default_root_dir", str(out),
+                "--allow_untrained", "true"]) == 0
+    assert (out / "metrics" / "val-last.json").is_file()
+
+
+def test_tensorboard_gets_learning_rates_and_prediction_grids(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run = trained
+    events = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert "val/predictions" in tags["images"]
+    assert len(events.Images("val/predictions")) == 2  # one per evaluation
+    lrs = [t for t in tags["scalars"] if t.startswith("lr-")]
+    assert len(lrs) == 2  # the encoder's and the rest's
+    assert [e.step for e in events.Scalars(lrs[0])][:4] == [0, 1, 2, 3]
 
 
 def test_fit_writes_the_run_folder(trained):
@@ -95,9 +139,18 @@ def test_checkpoint_holds_model_config_and_loads(trained):
 
 def test_test_writes_metrics_and_report(trained):
     config, run = trained
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    assert cli(["test", "--config", str(config), "--ckpt_path", str(best)]) == 0
     assert cli(["test", "--config", str(config), "--ckpt_path",
                 str(run / "checkpoints" / "last.ckpt")]) == 0
+    # every tested checkpoint keeps its own report; metrics.json is the latest
+    kept = sorted(p.name for p in (run / "reports").iterdir())
+    assert kept == sorted([f"{best.stem}-step0000004.json", f"{best.stem}-step0000004.md",
+                           "last-step0000004.json", "last-step0000004.md"]) or \
+        kept == sorted([f"{best.stem}-step0000002.json", f"{best.stem}-step0000002.md",
+                        "last-step0000004.json", "last-step0000004.md"])
     result = json.loads((run / "metrics.json").read_text())
+    assert result["checkpoint"].endswith("last.ckpt")
     assert np.isfinite(result["metrics"]["depth/rmse"])
     assert result["step"] == 4  # the checkpoint's step, not the test trainer's 0
     assert (run / "metrics" / "test-step0000004.json").is_file()
@@ -124,13 +177,14 @@ def test_predict_writes_pngs_and_arrays(trained, data_root, tmp_path, capsys):
     assert "broken.png" in capsys.readouterr().err
     assert cli(["predict", "--ckpt", ckpt, "--input", str(inputs), "--output", str(out),
                 "--skip-unreadable"]) == 0
-    depth = np.load(out / "img0_depth.npy")
-    normals = np.load(out / "img1_normals.npy")
+    depth = np.load(out / "img0.png.depth.npy")
+    normals = np.load(out / "img1.png.normals.npy")
     assert depth.shape == (48, 64) and depth.dtype == np.float32 and (depth >= 0).all()
     assert normals.shape == (3, 48, 64)
     np.testing.assert_allclose(np.linalg.norm(normals, axis=0), 1.0, atol=1e-4)
-    assert (out / "img0_semseg.png").is_file() and (out / "img1_edges.png").is_file()
-    assert not (out / "broken_depth.npy").exists()
+    assert (out / "img0.png.semseg.png").is_file() and (out / "img1.png.edges.png").is_file()
+    assert not list(out.glob("broken*"))
+    assert "predicted 2 of 3 image(s)" in capsys.readouterr().out
 
 
 def test_resume_restores_step_optimiser_and_scheduler(tmp_path, data_root):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from .errors import debug_requested, did_you_mean, explain
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("densemtl.training.cli", "Train a model (LightningCLI)."),
     "validate": ("densemtl.training.cli", "Evaluate on the validation split (LightningCLI)."),
@@ -31,16 +33,33 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a sub-command. A mistake of the caller (an option, a config value, a file) ends in
+    one or two lines naming it, exit code 2; ``--debug`` (or ``DENSEMTL_DEBUG=1``) shows the
+    traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in {"-h", "--help"}:
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"densemtl: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
+        print(f"densemtl: unknown command '{name}'{did_you_mean(name, COMMANDS)}\n\n{_usage()}",
+              file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    code = module.main(rest, command=name)
+    try:
+        code = module.main(rest, command=name)
+    except KeyboardInterrupt:
+        print(f"densemtl {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        message = None if debug else explain(exc)
+        if message is None:
+            raise
+        print(f"densemtl {name}: error: {message}\n(add --debug for the traceback)",
+              file=sys.stderr)
+        return 2
     return int(code or 0)
 
 

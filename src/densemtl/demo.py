@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     for image in sorted((data / "images").glob("val_*"))[:4]:
         shutil.copy2(image, sample / image.name)
     _run("predict", "--ckpt", str(last), "--input", str(sample), "--output",
-         str(out / "predictions"), "--device", "cpu")
+         str(out / "predictions"), "--device", "cpu", "--overwrite")
 
     grids = sorted((run / "grids").glob("val-*.png"))
     print(f"\ndone in {(time.time() - start) / 60:.1f} min")

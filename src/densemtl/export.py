@@ -14,6 +14,7 @@ size).
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import warnings
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .io import write_atomic
 from .models import load_model
 from .models.densemtl import MultiTaskNet
 from .tasks import get_task
@@ -50,12 +52,6 @@ class FinalOutputs(nn.Module):
         return tuple(get_task(t).decode(out[t][0].float()) for t in self.tasks)
 
 
-def max_stride(model: nn.Module) -> int:
-    """The largest feature stride of the model's encoder (1 if it does not say)."""
-    reductions = getattr(getattr(model, "encoder", None), "reductions", None)
-    return max(reductions) if reductions else 1
-
-
 def export_onnx(model: MultiTaskNet, path: str | Path, height: int, width: int,
                 opset: int = 17, dynamic: bool = False, raw: bool = False) -> list[str]:
     """Write ``path`` (atomically); returns the output names, in task order.
@@ -63,7 +59,7 @@ def export_onnx(model: MultiTaskNet, path: str | Path, height: int, width: int,
     ``dynamic``: batch, height and width are dynamic axes (height and width: multiples of the
     encoder's largest stride, like the export size).
     """
-    stride = max_stride(model)
+    stride = model.max_stride
     if height % stride or width % stride:
         raise ValueError(f"export size {height}x{width} must be a multiple of the encoder's "
                          f"largest stride ({stride})")
@@ -76,22 +72,17 @@ def export_onnx(model: MultiTaskNet, path: str | Path, height: int, width: int,
             ranks = [out.dim() for out in wrapper(example)]
         axes = {name: {0: "batch", rank - 2: "height", rank - 1: "width"}
                 for name, rank in zip(["image", *names], [4, *ranks])}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # The tracer warns about every shape comparison of the decoder (fixed per level:
-            # see the module docstring) and the TorchScript exporter about its deprecation.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
-            torch.onnx.export(wrapper, (example,), str(tmp), input_names=["image"],
-                              output_names=names, dynamic_axes=axes, opset_version=opset,
-                              dynamo=False, verbose=False)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    graph = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about every shape comparison of the decoder (fixed per level:
+        # see the module docstring) and the TorchScript exporter about its deprecation.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+        torch.onnx.export(wrapper, (example,), graph, input_names=["image"],
+                          output_names=names, dynamic_axes=axes, opset_version=opset,
+                          dynamo=False, verbose=False)
+    write_atomic(path, lambda f: f.write(graph.getbuffer()))
     return names
 
 
@@ -104,22 +95,32 @@ def main(argv: list[str], command: str = "export") -> int:
                     "('<task>_raw'; depth: 65536/(100 D + 1)).")
     parser.add_argument("--ckpt", required=True, help="densemtl or Lightning checkpoint")
     parser.add_argument("--out", required=True, help="output .onnx file")
-    parser.add_argument("--height", type=int, default=256, help="example input height")
-    parser.add_argument("--width", type=int, default=512, help="example input width")
+    parser.add_argument("--height", type=int, default=None,
+                        help="example input height (default: the training resolution kept in "
+                             "the checkpoint, rounded up to the encoder's stride; else 256)")
+    parser.add_argument("--width", type=int, default=None, help="example input width (as "
+                                                                "--height; else 512)")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--dynamic", action="store_true",
                         help="dynamic batch and image size (multiples of the encoder's largest "
                              "stride; default: fixed to the example)")
     parser.add_argument("--raw", action="store_true",
                         help="raw head outputs instead of decoded predictions")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it exists (default: refuse)")
     args = parser.parse_args(argv)
     try:
+        if Path(args.out).exists() and not args.overwrite:
+            raise FileExistsError(f"{args.out} exists already; pass --overwrite to replace it")
         model = load_model(args.ckpt)
-        names = export_onnx(model, args.out, args.height, args.width, args.opset, args.dynamic,
-                            args.raw)
-    except (FileNotFoundError, ValueError) as exc:
+        stride = model.max_stride
+        trained = model.input_size or (256, 512)
+        height = args.height or -(-trained[0] // stride) * stride
+        width = args.width or -(-trained[1] // stride) * stride
+        names = export_onnx(model, args.out, height, width, args.opset, args.dynamic, args.raw)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"densemtl {command}: {exc}", file=sys.stderr)
         return 1
-    size = "dynamic Bx3xHxW" if args.dynamic else f"1x3x{args.height}x{args.width}"
+    size = "dynamic Bx3xHxW" if args.dynamic else f"1x3x{height}x{width}"
     print(f"wrote {args.out} (input 'image' {size}, outputs {names})")
     return 0

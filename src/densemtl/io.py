@@ -58,6 +58,119 @@ def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
     return np.asarray(img)
 
 
+# EXIF orientation (tag 274) -> numpy operations on an [H,W,...] array that undo it
+_ORIENTATIONS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: np.swapaxes(a, 0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, 1)[::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def image_to_float(img: Image.Image, bits: int | None = None) -> np.ndarray:
+    """A decoded Pillow image as float32 RGB [H,W,3] in [0, 1], upright.
+
+    EXIF orientation is applied; palette, grey, CMYK, ... images become RGB (alpha is dropped);
+    16-bit and 32-bit integer samples are scaled by their bit depth (``bits`` when the caller
+    knows it, e.g. 16 for a 16-bit PNG that Pillow opened as 32-bit ``I``); float samples already
+    in [0, 1] are kept and others are scaled by their range (:func:`float_range`).
+    """
+    orientation = img.getexif().get(274, 1) if hasattr(img, "getexif") else 1
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img).astype(np.float32) / 65535.0
+    elif img.mode == "I":
+        raw = np.asarray(img).astype(np.float64)
+        top = 2.0**bits - 1 if bits else 2.0**31 - 1  # Pillow's "I" is signed 32-bit
+        arr = (np.clip(raw, 0, None) / top).astype(np.float32)
+    elif img.mode == "F":
+        arr = float_range(np.asarray(img, dtype=np.float32))
+    else:
+        rgb = img if img.mode in ("RGB", "L") else img.convert("RGB")
+        arr = np.asarray(rgb, dtype=np.float32)
+        arr *= np.float32(1 / 255)
+    return orient(as_rgb(arr), orientation)
+
+
+def float_range(arr: np.ndarray) -> np.ndarray:
+    """Float samples in [0, 1] as they are; any other range mapped from [min(0, minimum),
+    maximum] to [0, 1] (so 0 stays black); NaN and infinities become 0."""
+    arr = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+    if lo >= 0.0 and hi <= 1.0:
+        return arr
+    return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+
+
+def array_to_float(arr: np.ndarray) -> np.ndarray:
+    """An [H,W] or [H,W,C] array (uint8, uint16, other integers or floats) as float32 RGB
+    [H,W,3] in [0, 1]: integers by their type's range, floats as :func:`float_range`."""
+    a = np.asarray(arr)
+    if a.dtype == np.bool_:
+        a = a.astype(np.float32)
+    elif np.issubdtype(a.dtype, np.integer):
+        info = np.iinfo(a.dtype)
+        a = (np.clip(a.astype(np.float64), 0, None) / info.max).astype(np.float32)
+    elif np.issubdtype(a.dtype, np.floating):
+        a = float_range(a)
+    else:
+        raise TypeError(f"cannot read an image from an array of dtype {a.dtype}")
+    return as_rgb(a)
+
+
+def as_rgb(arr: np.ndarray) -> np.ndarray:
+    """[H,W], [H,W,1], [H,W,2] (grey + alpha), [H,W,3] or [H,W,4] -> [H,W,3]."""
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"an image must be [H,W] or [H,W,C] with C in 1..4, got {arr.shape}")
+    if arr.shape[2] in (1, 2):
+        return np.repeat(arr[..., :1], 3, axis=2)
+    return arr[..., :3]
+
+
+def orient(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Undo an EXIF orientation (1-8) on an [H,W,...] array."""
+    turn = _ORIENTATIONS.get(int(orientation))
+    return np.ascontiguousarray(arr if turn is None else turn(arr))
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Any image file as float32 RGB [H,W,3] in [0, 1] (see :func:`image_to_float`).
+
+    16-bit colour PNGs are decoded exactly (Pillow reads them as 8-bit); TIFFs go through
+    ``tifffile`` (Pillow truncates 16-bit colour TIFFs to 8 bits).
+    """
+    path = require_file(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                arr = tif.asarray()
+                orientation = getattr(tif.pages[0].tags.get("Orientation"), "value", 1)
+        except Exception as e:  # tifffile raises many types for broken files
+            raise DataError(f"cannot decode image {path}: {e}") from e
+        if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[2] not in (1, 2, 3, 4):
+            arr = np.moveaxis(arr, 0, -1)  # planar [C,H,W] storage
+        return orient(array_to_float(arr), int(orientation))
+    try:
+        img = Image.open(path)
+        bits16 = img.format == "PNG" and bool(img.tile) and str(img.tile[0][3]).endswith(";16B")
+        if bits16 and img.mode in ("RGB", "RGBA"):
+            orientation = img.getexif().get(274, 1)
+            return orient(as_rgb(_png16_colour(path, img).astype(np.float32) / 65535.0),
+                          orientation)
+        img.load()
+    except DataError:
+        raise
+    except _DECODE_ERRORS as e:
+        raise DataError(f"cannot decode image {path}: {e}") from e
+    return image_to_float(img, bits=16 if bits16 else None)
+
+
 def _png16_colour(path: Path, img: Image.Image) -> np.ndarray:
     """Exact decode of a 16-bit RGB/RGBA PNG: high bytes and low bytes in two passes."""
     rawmode = img.tile[0][3] if img.tile else None  # (codec, extents, offset, args)
@@ -256,10 +369,21 @@ _RAMP = np.array([
 ], dtype=np.float32)
 
 
-def colour_ramp(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """float [H,W] -> uint8 [H,W,3] on a continuous colour ramp, ``lo`` dark blue, ``hi`` red."""
-    t = np.clip((np.asarray(values, np.float32) - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
-    t = t * (len(_RAMP) - 1)
+def _ramp_table(levels: int = 1024) -> np.ndarray:
+    """The ramp interpolated at ``levels`` evenly spaced points, uint8 [levels, 3]."""
+    t = np.linspace(0.0, len(_RAMP) - 1, levels)
     i = np.minimum(t.astype(np.int64), len(_RAMP) - 2)
-    frac = (t - i)[..., None]
+    frac = (t - i)[:, None]
     return (_RAMP[i] * (1 - frac) + _RAMP[i + 1] * frac).round().astype(np.uint8)
+
+
+_RAMP_TABLE = _ramp_table()
+
+
+def colour_ramp(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """float [H,W] -> uint8 [H,W,3] on a continuous colour ramp, ``lo`` dark blue, ``hi`` red
+    (1024 levels, looked up: a 12-megapixel map needs no float colour volume)."""
+    t = np.asarray(values, np.float32) - np.float32(lo)
+    t *= np.float32((len(_RAMP_TABLE) - 1) / max(hi - lo, 1e-6))
+    np.clip(t, 0, len(_RAMP_TABLE) - 1, out=t)
+    return _RAMP_TABLE[np.rint(t).astype(np.uint16)]

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from densemtl.tasks import get_task
 
 from .base import DenseDataset
-from .registry import build_dataset
+from .registry import build_dataset, dataset_class
 from .sample import collate
 from .sampling import EpochSampler
 from .synthetic import ensure_generated
@@ -184,6 +184,7 @@ class DenseDataModule(_Common):
     ):
         super().__init__(tasks, height, width, **loading)
         self.save_hyperparameters(logger=False)
+        dataset_class(dataset)  # an unknown name fails here, before any run folder exists
         self.dataset_name, self.root = dataset, root
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.predict_root, self.limit_train = predict_root, limit_train
@@ -323,6 +324,7 @@ class AdaptationDataModule(_Common):
         self.save_hyperparameters(logger=False)
         if mode not in ("max_size_cycle", "min_size", "max_size"):
             raise ValueError(f"unknown CombinedLoader mode {mode!r}")
+        dataset_class(source), dataset_class(target)
         self.source, self.source_root = source, source_root
         self.target, self.target_root = target, target_root
         self.target_size = (target_height or self.height, target_width or self.width)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..errors import did_you_mean
 from .base import DenseDataset
 from .cityscapes import CityscapesDataset
 from .folder import ImageFolderDataset
@@ -48,7 +49,8 @@ def dataset_class(name: str) -> type[DenseDataset]:
     try:
         return DATASETS[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None
+        raise ValueError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; known: "
+                         f"{', '.join(DATASETS)}") from None
 
 
 def build_dataset(

@@ -21,8 +21,10 @@ def save_model(model: MultiTaskNet, path: str | Path, **extra: Any) -> None:
     if not model.config:
         raise ValueError("model has no config; build it with densemtl.models.build_model")
     palette = getattr(model, "palette", None)
+    size = getattr(model, "input_size", None)
     meta = {"class_names": getattr(model, "class_names", None),
-            "palette": None if palette is None else np.asarray(palette).tolist()}
+            "palette": None if palette is None else np.asarray(palette).tolist(),
+            "input_size": None if size is None else [int(v) for v in size]}
     save_torch(path, {"format": FORMAT, "config": model.config, "state_dict": model.state_dict(),
                  "densemtl": meta, **extra})
 
@@ -36,7 +38,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Mu
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        # memory-mapped: the weights are not held twice while the model is built
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as exc:
         raise ValueError(f"{path}: not a readable checkpoint ({exc})") from exc
     if not isinstance(ckpt, dict):
@@ -55,4 +58,10 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Mu
     meta = ckpt.get("densemtl") or {}
     model.class_names = meta.get("class_names")
     model.palette = None if meta.get("palette") is None else np.asarray(meta["palette"], np.uint8)
+    size = meta.get("input_size")
+    if size is None:  # older Lightning checkpoints: the data module's resolution
+        data = ckpt.get("datamodule_hyper_parameters") or {}
+        if data.get("height") and data.get("width"):
+            size = (data["height"], data["width"])
+    model.input_size = None if size is None else (int(size[0]), int(size[1]))
     return model.eval()

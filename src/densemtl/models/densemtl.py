@@ -7,8 +7,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..images import ImageLike, as_image_batch, upsample_decode, working_size
 from ..tasks import get_task
 from .encoders import build_encoder
 from .heads import TaskDecoder, resolve_num_ch_dec
@@ -50,26 +52,62 @@ class MultiTaskNet(nn.Module):
         self.config: dict[str, Any] = {}  # set by the registry; saved with checkpoints
         self.class_names: list[str] | None = None  # dataset metadata, kept by checkpoints
         self.palette: Any = None
+        self.input_size: tuple[int, int] | None = None  # the training resolution (H, W)
+
+    @property
+    def max_stride(self) -> int:
+        """The largest feature stride of the encoder (1 if it does not say)."""
+        reductions = getattr(getattr(self, "encoder", None), "reductions", None)
+        return int(max(reductions)) if reductions else 1
+
+    @property
+    def min_input_side(self) -> int:
+        """The shortest image side ``predict`` runs the network at: two pixels at the stride of
+        the encoder's second-deepest features (the decoders pad their maps by reflection, which
+        needs at least two pixels; the deepest features may be a single pixel)."""
+        reductions = sorted(getattr(getattr(self, "encoder", None), "reductions", None) or [1])
+        return 2 * int(reductions[-2] if len(reductions) > 1 else reductions[-1])
 
     @torch.no_grad()
-    def predict(self, image: Tensor) -> dict[str, Tensor]:
-        """Eval-mode prediction at scale 0 in physical units.
+    def predict(self, image: ImageLike, *, size: tuple[int, int] | None = None,
+                max_side: int | None = None) -> dict[str, Tensor]:
+        """Eval-mode prediction at scale 0 in physical units, at the input's size.
 
-        ``image`` [B,3,H,W] (or [3,H,W]) in [0,1]. Returns ``semseg`` class ids [B,H,W],
-        ``depth`` metres [B,1,H,W], ``normals`` unit vectors [B,3,H,W], ``edges`` probabilities
-        [B,1,H,W] (for the tasks the model has).
+        ``image``: a file path, a PIL image, a numpy array [H,W(,C)] or a tensor [3,H,W] /
+        [B,3,H,W] (see :func:`densemtl.images.as_image_batch`; a float tensor must be in
+        [0, 1]). The network runs at ``size`` (H, W) if given, else with the longer side capped
+        at ``max_side``, else at the training resolution kept in the checkpoint
+        (``input_size``: the same number of pixels, aspect ratio kept, never enlarged), and
+        never below ``min_input_side``; each task's output is resized back to the input size
+        and decoded: ``semseg`` class ids [B,H,W], ``depth`` metres [B,1,H,W], ``normals`` unit
+        vectors [B,3,H,W], ``edges`` probabilities [B,1,H,W] (for the tasks the model has).
+        Without a batch axis in the input, none in the outputs.
         """
-        squeeze = image.dim() == 3
-        if squeeze:
-            image = image.unsqueeze(0)
+        x, single = as_image_batch(image)
+        param = next(self.parameters(), None)
+        x = x.to(param.device if param is not None else "cpu")
+        h, w = (int(v) for v in x.shape[-2:])
+        work = working_size((h, w), exact=size, max_side=max_side, area_of=self.input_size,
+                            minimum=self.min_input_side)
+        if work != (h, w):
+            x = F.interpolate(x, size=work, mode="bilinear", align_corners=False,
+                              antialias=True).clamp_(0.0, 1.0)
         was_training = self.training
+        # On a CPU the exchange block's pairs run one at a time here: the same outputs with
+        # about a third less peak memory (the pair loop is as fast as batching on a CPU).
+        blocks = [m for m in self.modules() if isinstance(m, ExchangeBlock) and m.batched]
+        pairwise = x.device.type == "cpu"
         self.eval()
         try:
-            out = self(image)
+            for block in blocks:
+                block.batched = not pairwise
+            out = self(x)
         finally:
+            for block in blocks:
+                block.batched = True
             self.train(was_training)
-        pred = {t: get_task(t).decode(out[t][0].float()) for t in self.tasks}
-        return {t: p[0] for t, p in pred.items()} if squeeze else pred
+        pred = {t: upsample_decode(get_task(t), out[t][0].float(), (h, w)) for t in self.tasks}
+        return {t: p[0] for t, p in pred.items()} if single else pred
 
 
 class DenseMTL(MultiTaskNet):

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from ..errors import did_you_mean
 from ..tasks import parse_tasks
 from .baselines import DeepLabMTL, PADNet, PADNetPlus, single_task
 from .densemtl import DenseMTL, HardSharing, MultiTaskNet
@@ -45,7 +46,8 @@ def build_model(config: Mapping[str, Any], pretrained: bool | None = None) -> Mu
     network = copy.deepcopy(dict(config["network"]))
     arch = network.pop("arch", None)
     if arch not in ARCHS:
-        raise ValueError(f"network.arch '{arch}' is not one of {sorted(ARCHS)}")
+        raise ValueError(f"network.arch '{arch}' is not one of {sorted(ARCHS)}"
+                         f"{did_you_mean(str(arch), ARCHS)}")
     if pretrained is not None:
         network["encoder"] = {**network.get("encoder", {}), "pretrained": pretrained}
     tasks = parse_tasks(config["tasks"])

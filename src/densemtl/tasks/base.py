@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from ..errors import did_you_mean
 from ..functional import fp32_context, resize_to, sample_mask
 
 IGNORE_INDEX = 255
@@ -352,9 +353,9 @@ def get_task(name: str) -> Task:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(
-            f"unknown task '{name}'; known tasks: {', '.join(_REGISTRY)} (a task of your own "
-            "must be registered with register_task, e.g. in a module listed under 'imports:' "
-            "in the config)") from None
+            f"unknown task '{name}'{did_you_mean(str(name), _REGISTRY)}; known tasks: "
+            f"{', '.join(_REGISTRY)} (a task of your own must be registered with register_task, "
+            "e.g. in a module listed under 'imports:' in the config)") from None
 
 
 def registered_tasks() -> dict[str, Task]:

@@ -94,10 +94,11 @@ class NormalsMetric(TaskMetric):
 def colourise_normals(normals: np.ndarray) -> np.ndarray:
     """Unit normals [3,H,W] -> uint8 [H,W,3] as (n + 1) / 2; zero vectors are black."""
     n = np.asarray(normals, dtype=np.float32)
-    valid = np.abs(n).sum(0) > 0
-    rgb = ((np.moveaxis(n, 0, -1) + 1.0) * 127.5).clip(0, 255)
-    rgb[~valid] = 0
-    return rgb.round().astype(np.uint8)
+    rgb = np.empty((*n.shape[1:], 3), dtype=np.uint8)
+    for c in range(3):  # one channel at a time: no float [H,W,3] volume for big images
+        rgb[..., c] = np.rint(np.clip((n[c] + 1.0) * 127.5, 0, 255))
+    rgb[(n == 0).all(axis=0)] = 0
+    return rgb
 
 
 class NormalsTask(Task):

@@ -8,12 +8,15 @@ hand-built ``Trainer`` behave the same:
 * :class:`ReportWriter`: ``metrics.json`` and ``report.md`` after ``test``, with the scores of the
   best constant predictor fitted on training labels;
 * :class:`RandomState`: the RNG state in checkpoints, so dropout draws resume where they stopped;
-* :class:`DatasetInfo`: the dataset's class names and palette in checkpoints (used by predict).
+* :class:`DatasetInfo`: the dataset's class names and palette in checkpoints (used by predict);
+* :class:`ProgressLog`: without a progress bar (not a terminal), a line every half minute.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -74,6 +77,10 @@ class PredictionGrid(Callback):
         palette = getattr(trainer.datamodule, "palette", None)
         rgb = prediction_grid(batch["image"][:n].float().cpu().numpy(), preds, targets, palette)
         save_png(module.run_dir / "grids" / f"{stage}-step{module.global_step:07d}.png", rgb)
+        for logger in trainer.loggers:  # and into TensorBoard
+            add_image = getattr(getattr(logger, "experiment", None), "add_image", None)
+            if callable(add_image):
+                add_image(f"{stage}/predictions", rgb, module.global_step, dataformats="HWC")
 
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule,
                                 outputs: Any, batch: Any, batch_idx: int,
@@ -132,8 +139,14 @@ class ReportWriter(Callback):
             return
         values = module.results["test"]
         run = module.run_dir
-        save_json(run / "metrics.json", {"metrics": values, "constant_predictor": constant,
-                                         "step": module.evaluated_step}, sort_keys=False)
+        ckpt = getattr(trainer, "ckpt_path", None)
+        result = {"metrics": values, "constant_predictor": constant,
+                  "step": module.evaluated_step, "checkpoint": None if ckpt is None else str(ckpt)}
+        # metrics.json / report.md are the latest test; every test also keeps its own copy
+        # (reports/<checkpoint>-step<N>.*), so testing another checkpoint loses nothing
+        tag = f"{Path(str(ckpt)).stem if ckpt else 'weights'}-step{module.evaluated_step:07d}"
+        save_json(run / "metrics.json", result, sort_keys=False)
+        save_json(run / "reports" / f"{tag}.json", result, sort_keys=False)
         dm = trainer.datamodule
         info = {
             "run folder": str(run),
@@ -151,7 +164,9 @@ class ReportWriter(Callback):
             names = list(dm.class_names) if dm is not None else None
         except Exception:  # a data module without class names (e.g. an image folder)
             names = None
-        save_text(run / "report.md", render_report(values, constant, info, names))
+        report = render_report(values, constant, info, names)
+        save_text(run / "report.md", report)
+        save_text(run / "reports" / f"{tag}.md", report)
 
 
 class RandomState(Callback):
@@ -175,14 +190,66 @@ class RandomState(Callback):
 
 
 class DatasetInfo(Callback):
-    """Keeps the dataset's class names and palette with the weights (``densemtl predict``)."""
+    """Keeps the dataset's class names, palette and image size (the resolution ``predict`` runs
+    at by default) with the weights."""
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         dm = trainer.datamodule
         names = getattr(dm, "class_names", None)
         palette = getattr(dm, "palette", None)
+        height, width = getattr(dm, "height", None), getattr(dm, "width", None)
         checkpoint["densemtl"] = {
             "class_names": None if names is None else list(names),
             "palette": None if palette is None else np.asarray(palette).astype(int).tolist(),
+            "input_size": None if not (height and width) else [int(height), int(width)],
         }
+
+
+class ProgressLog(Callback):
+    """When no progress bar is shown (output not a terminal, or ``enable_progress_bar:
+    false``), a line on stdout at most every ``interval`` seconds while training (step, loss,
+    seconds per step, time left) and one per evaluation: a log file shows progress too."""
+
+    def __init__(self, interval: float = 30.0) -> None:
+        self.interval = interval
+        self._start = self._last = 0.0
+        self._first = 0
+
+    def _active(self, trainer: Trainer) -> bool:
+        return trainer.is_global_zero and trainer.progress_bar_callback is None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start = self._last = time.monotonic()
+        self._first = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        now, step = time.monotonic(), trainer.global_step
+        end = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        if not self._active(trainer) or (now - self._last < self.interval
+                                         and step != self._first + 1 and step != end):
+            return
+        self._last = now
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        per_step = (now - self._start) / max(step - self._first, 1)
+        left = f", about {(end - step) * per_step / 60:.1f} min left" if end else ""
+        shown = f"loss {float(loss):.4f}, " if loss is not None else ""
+        print(f"step {step}{f'/{end}' if end else ''} (epoch {trainer.current_epoch}): {shown}"
+              f"{per_step:.2f} s/step{left}", flush=True)
+
+    def _evaluated(self, trainer: Trainer, module: LightningModule, stage: str) -> None:
+        results = getattr(module, "results", {}).get(stage)
+        if not self._active(trainer) or trainer.sanity_checking or not results:
+            return
+        main = {k: v for k, v in results.items() if k.count("/") == 1 and not k.startswith(
+            ("delta", "score"))}
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in list(main.items())[:6])
+        print(f"{stage} at step {getattr(module, 'evaluated_step', trainer.global_step)}: "
+              f"{shown}", flush=True)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._evaluated(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._evaluated(trainer, pl_module, "test")

@@ -11,11 +11,13 @@ from __future__ import annotations
 import csv
 import importlib
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentError
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -26,6 +28,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
+from ..errors import UsageError, did_you_mean, explain
 from ..io import save_torch
 
 
@@ -90,11 +93,29 @@ class AppendingCSVLogger(CSVLogger):
 class DenseCLI(LightningCLI):
     """LightningCLI with densemtl's run-folder layout, checkpointing and loggers."""
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        parser.exit_on_error = False  # parse errors become one line (see parse_arguments)
+        return parser
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as exc:
+            words = [a for a in (args or []) if isinstance(a, str) and not a.startswith("-")]
+            sub = getattr(parser, "_subcommands_action", None)
+            sub_parser = sub._name_parser_map.get(words[0]) if sub and words else None
+            raise UsageError(parse_error_message(exc, sub_parser or parser)) from None
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--imports", type=list[str], default=[],
             help="Python modules to import before anything is built: modules that register "
                  "your own tasks (register_task) or datasets (register_dataset)")
+        parser.add_argument(
+            "--allow_untrained", type=bool, default=False,
+            help="test / validate: evaluate the model as the config builds it, without "
+                 "--ckpt_path (refused otherwise: untrained scores are not results)")
         # The tasks are declared once, in the model; the data module loads exactly those.
         parser.link_arguments("model.init_args.tasks", "data.init_args.tasks",
                               compute_fn=lambda tasks: list(tasks))
@@ -109,6 +130,14 @@ class DenseCLI(LightningCLI):
         })
 
     def before_instantiate_classes(self) -> None:
+        check_trainer_limits(self._get(self.config, "trainer", default={}) or {})
+        if (self.subcommand in ("test", "validate")
+                and self._get(self.config, "ckpt_path") is None
+                and not self._get(self.config, "allow_untrained", default=False)):
+            raise UsageError(
+                f"{self.subcommand} evaluates trained weights: give --ckpt_path (a .ckpt file, "
+                "or 'last' for the run folder's last.ckpt); --allow_untrained true evaluates "
+                "the untrained model on purpose")
         names = self._get(self.config, "imports", default=None) or []
         if names and os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())  # a module next to the config, as with python -m
@@ -120,6 +149,8 @@ class DenseCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})
+        if not sys.stderr.isatty():  # a bar redrawn with \r is noise in a log: ProgressLog
+            kwargs["enable_progress_bar"] = False
         if trainer_cfg.get("logger") in (None, True):
             root = trainer_cfg.get("default_root_dir") or os.getcwd()
             kwargs["logger"] = [TensorBoardLogger(root, name="", version=""),
@@ -127,6 +158,39 @@ class DenseCLI(LightningCLI):
         if not trainer_cfg.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+
+def check_trainer_limits(trainer: Any) -> None:
+    """Refuse step and epoch limits that make no sense (0, or negative other than -1)."""
+    for key in ("max_steps", "max_epochs", "min_steps", "min_epochs"):
+        value = trainer.get(key) if hasattr(trainer, "get") else None
+        if value is None or value == -1:
+            continue
+        if value < 0 or (value == 0 and key.startswith("max")):
+            raise UsageError(f"--trainer.{key} must be a positive number (or -1 for no limit), "
+                             f"got {value}")
+
+
+def parse_error_message(exc: Exception, parser: LightningArgumentParser) -> str:
+    """A parse error in one or two lines, with the closest option for a misspelled one."""
+    text = str(exc).strip()
+    options = [o for action in getattr(parser, "_actions", []) for o in action.option_strings
+               if o.startswith("--")]
+    command = getattr(parser, "prog", "densemtl").split()[-1]
+    unknown = re.search(r"[Uu]nrecognized arguments: (.*)", text)
+    if unknown:
+        given = [t for t in unknown.group(1).split() if t.startswith("--")]
+        parts = [f"{g.split('=')[0]}{did_you_mean(g.split('=')[0], options)}" for g in given]
+        return (f"unknown option {', '.join(parts) or unknown.group(1)}; "
+                f"'densemtl {command} --help' lists the options")
+    missing = re.search(r'Parser key "config":.*?does not exist: ([^\n]*)', text)
+    if missing:
+        return f"--config: no such file {missing.group(1).strip()}"
+    ours = explain(exc)  # a densemtl error raised while jsonargparse checked a class
+    if ours:
+        key = re.match(r'Parser key "([^"]+)"', text)
+        return f"{key.group(1)}: {ours}" if key and not ours.startswith(key.group(1)) else ours
+    return text.splitlines()[0] if text else "invalid arguments"
 
 
 def make_cli(args: list[str], run: bool = True, cli_class: type[DenseCLI] = DenseCLI) -> DenseCLI:

@@ -14,13 +14,21 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import LearningRateMonitor
 from torch import Tensor
 
 from ..losses import MultiTaskLoss
 from ..metrics import MultiTaskMetrics
 from ..models import build_model
 from ..models.densemtl import MultiTaskNet
-from .callbacks import DatasetInfo, EvaluationWriter, PredictionGrid, RandomState, ReportWriter
+from .callbacks import (
+    DatasetInfo,
+    EvaluationWriter,
+    PredictionGrid,
+    ProgressLog,
+    RandomState,
+    ReportWriter,
+)
 from .optim import build_optimizer, build_scheduler
 from .scoring import Scorer
 
@@ -85,9 +93,11 @@ class MultiTaskModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         callbacks: list[Callback] = [EvaluationWriter(), ReportWriter(self.constant_fit_batches),
-                                     RandomState(), DatasetInfo()]
+                                     RandomState(), DatasetInfo(), ProgressLog()]
         if self.grid_samples > 0:
             callbacks.append(PredictionGrid(self.grid_samples))
+        if self._trainer is not None and self.trainer.loggers:  # learning rates in the logs
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
         return callbacks
 
     def setup(self, stage: str) -> None:
