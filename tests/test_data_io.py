@@ -69,3 +69,27 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     assert not target.exists() and list((tmp_path / "sub").iterdir()) == []
     save_npy(target.with_suffix(".npy"), np.arange(3))
     assert read_npy(target.with_suffix(".npy")).tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_get_the_umask_mode(tmp_path, umask):
+    """Atomic writes rename a temporary file: the result must still have the mode any new file
+    gets under the user's umask (0666 minus it), e.g. 0644 for a shared results folder."""
+    import os
+
+    import torch
+
+    from densemtl.io import save_json, save_npy, save_png, save_text, save_torch
+
+    old = os.umask(umask)
+    try:
+        writers = {"a.png": lambda p: save_png(p, np.zeros((4, 5, 3), np.uint8)),
+                   "a.json": lambda p: save_json(p, {"x": 1}),
+                   "a.npy": lambda p: save_npy(p, np.zeros(3)),
+                   "a.md": lambda p: save_text(p, "x"),
+                   "a.ckpt": lambda p: save_torch(p, {"w": torch.zeros(2)})}
+        for name, write in writers.items():
+            write(tmp_path / name)
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    finally:
+        os.umask(old)

@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("densemtl.training.cli", "Train a model (LightningCLI)."),
     "validate": ("densemtl.training.cli", "Evaluate on the validation split (LightningCLI)."),
     "test": ("densemtl.training.cli", "Evaluate on the test split, write metrics and report."),
-    "predict": ("densemtl.training.predict", "Predict on images: colourised PNGs + arrays."),
+    "predict": ("densemtl.predict", "Predict on images: colourised PNGs + arrays."),
     "synth": ("densemtl.data.synthetic", "Generate the built-in procedural benchmark."),
     "summary": ("densemtl.models.summary", "Print a per-module parameter table for a config."),
     "convert-official": ("densemtl.models.official", "Convert an official .pkl checkpoint."),

@@ -209,7 +209,8 @@ class DatasetInfo(Callback):
 class ProgressLog(Callback):
     """When no progress bar is shown (output not a terminal, or ``enable_progress_bar:
     false``), a line on stdout at most every ``interval`` seconds while training (step, loss,
-    seconds per step, time left) and one per evaluation: a log file shows progress too."""
+    seconds per step, time left) or evaluating (batch), and one per finished evaluation: a log
+    file shows progress too."""
 
     def __init__(self, interval: float = 30.0) -> None:
         self.interval = interval
@@ -247,6 +248,31 @@ class ProgressLog(Callback):
         shown = ", ".join(f"{k} {v:.4g}" for k, v in list(main.items())[:6])
         print(f"{stage} at step {getattr(module, 'evaluated_step', trainer.global_step)}: "
               f"{shown}", flush=True)
+
+    def _batch(self, trainer: Trainer, stage: str, batch_idx: int, total: Any) -> None:
+        now = time.monotonic()
+        if not self._active(trainer) or trainer.sanity_checking or now - self._last < \
+                self.interval:
+            return
+        self._last = now
+        of = f"/{int(total)}" if isinstance(total, (int, float)) and total < float("inf") else ""
+        print(f"{stage}: batch {batch_idx + 1}{of}", flush=True)
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule,
+                                outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        total = (trainer.num_val_batches or [None])[dataloader_idx]
+        self._batch(trainer, "val", batch_idx, total)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last = time.monotonic()
+
+    on_validation_start = on_test_start
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                          batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        total = (trainer.num_test_batches or [None])[dataloader_idx]
+        self._batch(trainer, "test", batch_idx, total)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._evaluated(trainer, pl_module, "val")

@@ -11,7 +11,7 @@ and an output folder inside the input folder is refused (its files would be read
 The network runs at the training resolution kept in the checkpoint (same number of pixels,
 aspect ratio kept, never enlarged) unless ``--size HxW`` or ``--max-side N`` says otherwise;
 working sizes above ``--max-pixels`` are refused. With ``--config`` instead, the LightningCLI
-``predict`` subcommand runs.
+``predict`` subcommand runs. This module does not import Lightning (prediction starts fast).
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.folder import IMAGE_EXTENSIONS
-from ..io import DataError, read_image, save_npy, save_png
-from ..models import load_model
-from ..models.densemtl import MultiTaskNet
-from ..tasks import get_task
+from .data.folder import IMAGE_EXTENSIONS
+from .io import DataError, read_image, save_npy, save_png
+from .models import load_model
+from .models.densemtl import MultiTaskNet
+from .tasks import get_task
 
 OUTPUT_KINDS = (".png", ".npy")
 
@@ -139,7 +139,7 @@ def predict_files(model: MultiTaskNet, files: list[tuple[Path, Path]], output: P
     for batch in _batches(files, batch_size, summary, skip_unreadable):
         h, w = batch[0][2].shape[:2]
         if max_pixels:
-            from ..images import working_size
+            from .images import working_size
 
             work = working_size((h, w), exact=size, max_side=max_side, area_of=model.input_size,
                                 minimum=model.min_input_side)
@@ -193,8 +193,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--max-pixels", type=int, default=4_000_000, metavar="N",
                         help="refuse working sizes above N pixels (default 4000000; 0: no "
                              "limit); the default working size is the training resolution")
-    parser.add_argument("--batch-size", type=positive, default=4,
-                        help="images of one size predicted together (default 4)")
+    parser.add_argument("--batch-size", type=positive, default=None,
+                        help="images of one size predicted together (default: 4 on a GPU, 1 on "
+                             "a CPU, where batching saves no time and multiplies the memory)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace output files that exist already (default: refuse)")
@@ -206,7 +207,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str], command: str = "predict") -> int:
     if any(a == "--config" or a.startswith("--config=") for a in argv):
-        from .cli import main as lightning_main
+        from .training.cli import main as lightning_main
 
         return lightning_main(argv, command)
     args = build_parser(command).parse_args(argv)
@@ -217,12 +218,14 @@ def main(argv: list[str], command: str = "predict") -> int:
         output, source = Path(args.output), Path(args.input)
         check_output(source, output)
         files = list_inputs(source)
-        model = load_model(args.ckpt).to(_device(args.device))
+        device = _device(args.device)
+        model = load_model(args.ckpt).to(device)
+        batch_size = args.batch_size or (4 if device.type == "cuda" else 1)
         tasks = list(model.tasks)
         targets = [p for _, rel in files for p in output_paths(rel, output, tasks)]
         check_existing(targets, args.overwrite)
         summary = predict_files(model, files, output, size=args.size, max_side=args.max_side,
-                                max_pixels=args.max_pixels, batch_size=args.batch_size,
+                                max_pixels=args.max_pixels, batch_size=batch_size,
                                 skip_unreadable=args.skip_unreadable, progress=not args.quiet)
     except (DataError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"densemtl {command}: {exc}", file=sys.stderr)
