@@ -48,8 +48,9 @@ from densemtl.viz import grid
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "data/synthetic_seq"
 SCALED = '{"max_depth": 20.0, "median_scaling": true}'
-# the supervised twins get the SDE configs' budget and optimiser betas
-SAME_BUDGET = ["--trainer.max_steps", "1000", "--trainer.val_check_interval", "500"]
+# the supervised twins get the SDE configs' budget (steps and batch size)
+SAME_BUDGET = ["--trainer.max_steps", "1000", "--trainer.val_check_interval", "500",
+               "--data.init_args.batch_size", "4"]
 ARMS: dict[str, tuple[str, list[str]]] = {
     "sde_densemtl": ("configs/synthetic/sde_densemtl_sd.yaml", []),
     "sde_mtl": ("configs/synthetic/sde_mtl_sd.yaml", []),
@@ -69,6 +70,12 @@ def run_dir(out: Path, arm: str, seed: int) -> Path:
     return out / f"{arm}_s{seed}"
 
 
+def finished(d: Path, steps: int) -> bool:
+    """Whether the run's last validation is at its final step (an interrupted run is not)."""
+    last = d / "metrics" / "val-last.json"
+    return last.is_file() and json.loads(last.read_text()).get("step", 0) >= steps
+
+
 def run(out: Path, arm: str, seed: int, threads: int, steps: int | None) -> None:
     """Fit (resuming if interrupted), then test the last checkpoint."""
     d = run_dir(out, arm, seed)
@@ -83,11 +90,12 @@ def run(out: Path, arm: str, seed: int, threads: int, steps: int | None) -> None
     d.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with (d / "fit.log").open("a") as log:
-        if not (d / "metrics" / "val-last.json").is_file():
+        if not finished(d, steps or 1000):
             resume = ["--ckpt_path", "last"] if (d / "checkpoints" / "last.ckpt").is_file() else []
             subprocess.run([sys.executable, "-m", "densemtl", "fit", *common, *resume],
                            stdout=log, stderr=subprocess.STDOUT, env=env, check=True, cwd=ROOT)
-        if not (d / "metrics.json").is_file():
+        tested = d / "metrics.json"
+        if not tested.is_file() or json.loads(tested.read_text()).get("step", 0) < (steps or 1000):
             subprocess.run([sys.executable, "-m", "densemtl", "test", *common, "--ckpt_path",
                             str(d / "checkpoints" / "last.ckpt")], stdout=log,
                            stderr=subprocess.STDOUT, env=env, check=True, cwd=ROOT)

@@ -219,7 +219,7 @@ def sde_configs() -> dict[Path, dict[str, Any]]:
             encoder="resnet18", decoder={"num_ch_dec": [16, 32, 32, 64, 64],
                                          "scales": SDE_SCALES},
             lr=(1e-3, 1e-3, 1e-3), steps={"name": "poly", "power": 0.9},
-            data={"batch_size": 8, "num_workers": 1, "hflip": 0.5,
+            data={"batch_size": 4, "num_workers": 1, "hflip": 0.5,
                   "synthesize": {"train": 600, "val": 100, "height": 96, "width": 128,
                                  "seed": 0, "sequence": True}},
             options={}, max_depth=20.0,

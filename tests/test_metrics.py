@@ -187,11 +187,11 @@ def test_edges_single_image_hand_values():
     # t=0.7: P 1/2, R 1/5; t=0.85: P 1, R 1/5
     assert m.ods.tolist() == [[2, 1, 1], [3, 2, 1], [3, 1, 1], [5, 5, 5]]
     out = m.compute()
-    assert value(out["odsF"]) == pytest.approx(12 / 19)
-    assert value(out["odsP"]) == pytest.approx(2 / 3)
-    assert value(out["odsR"]) == pytest.approx(3 / 5)
-    assert value(out["odsThr"]) == pytest.approx(0.5)
-    assert value(out["oisF"]) == pytest.approx(12 / 19)
+    assert value(out["tolF"]) == pytest.approx(12 / 19)
+    assert value(out["tolP"]) == pytest.approx(2 / 3)
+    assert value(out["tolR"]) == pytest.approx(3 / 5)
+    assert value(out["tolThr"]) == pytest.approx(0.5)
+    assert value(out["tolImageF"]) == pytest.approx(12 / 19)
     # pixel F1 at 0.5: tp 1 (row 4), fp 2, fn 4
     assert value(out["pixF1"]) == pytest.approx(2 / 8)
     # background: tn 25 - 1 - 2 - 4 = 18, its fp = 4 (missed edges), fn = 2 -> F1 36 / 42
@@ -204,9 +204,9 @@ def test_edges_ods_vs_ois_two_images():
     m.update(torch.stack([p1, p2]).unsqueeze(1), torch.stack([g1, g2]).unsqueeze(1))
     out = m.compute()
     # ODS: summed counts per threshold: t=0.5 [3,5,4,6] -> F 12/19 (best); t=0.7 4/9; t=0.85 1/2
-    assert value(out["odsF"]) == pytest.approx(12 / 19)
+    assert value(out["tolF"]) == pytest.approx(12 / 19)
     # OIS: image 1 best at 0.5 [2,3,3,5]; image 2 best at 0.7 [1,1,1,1] -> P 3/4, R 2/3
-    assert value(out["oisF"]) == pytest.approx(12 / 17)
+    assert value(out["tolImageF"]) == pytest.approx(12 / 17)
 
 
 def test_edges_raw_logits_and_has_flag():
@@ -285,11 +285,11 @@ def test_container_names_and_skipped_tasks():
     m.update({t: v[0] for t, v in outputs.items()}, batch)  # bare tensors are scale 0
     results = m.compute()
     names = set(results)
-    assert math.isnan(value(results["edges/odsF"]))  # nothing scored: NaN, not 0
+    assert math.isnan(value(results["edges/tolF"]))  # nothing scored: NaN, not 0
     for t in ALL:
         assert f"{t}/{get_task(t).main_metric}" in names
-    assert {"semseg/IoU/00", "depth/rmseLog", "normals/within22", "edges/oisF"} <= names
-    for name in names - {"edges/odsThr"}:
+    assert {"semseg/IoU/00", "depth/rmseLog", "normals/within22", "edges/tolImageF"} <= names
+    for name in names - {"edges/tolThr"}:
         higher_is_better(name)  # every reported metric has a direction
     m.reset()
     assert m["semseg"].confmat.sum() == 0
@@ -315,7 +315,7 @@ def test_update_makes_no_host_sync():
 
 def test_directions_come_from_the_task_declarations():
     expected = {"semseg/mIoU": True, "depth/rmse": False, "normals/mean": False,
-                "edges/odsF": True, "depth/delta1": True, "semseg/IoU/road": True}
+                "edges/tolF": True, "depth/delta1": True, "semseg/IoU/road": True}
     assert {n: higher_is_better(n) for n in expected} == expected
     assert [f"{t}/{get_task(t).main_metric}" for t in ALL] == list(expected)[:4]
     assert list(registered_tasks())[:4] == ALL

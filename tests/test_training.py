@@ -121,7 +121,7 @@ def test_fit_writes_the_run_folder(trained):
     payload = json.loads((run / "metrics" / "val-step0000004.json").read_text())
     metrics = payload["metrics"]
     assert payload["step"] == 4
-    for name in ("semseg/mIoU", "depth/rmse", "normals/mean", "edges/odsF", "delta_m"):
+    for name in ("semseg/mIoU", "depth/rmse", "normals/mean", "edges/tolF", "delta_m"):
         assert np.isfinite(metrics[name]), name
     expected = 100 * ((metrics["semseg/mIoU"] - 0.2) / 0.2 - (metrics["depth/rmse"] - 2) / 2) / 2
     assert metrics["delta_m"] == pytest.approx(expected)
@@ -157,8 +157,14 @@ def test_test_writes_metrics_and_report(trained):
     const = result["constant_predictor"]
     assert 0 <= const["semseg/mIoU"] < 1 and const["depth/rmse"] > 0
     report = (run / "report.md").read_text()
-    assert "| depth | rmse |" in report and "constant predictor" in report
-    assert "delta_m" in report
+    assert "| depth | rmse | m |" in report and "| normals | mean | degrees |" in report
+    assert "| semseg | mIoU | % |" in report
+    assert "constant predictor: semseg: class " in report and " m everywhere" in report
+    assert "**delta_m = " in report and "- score: score = semseg/mIoU (the first" in report
+    # the edge benchmark runs in test: BSDS ODS / OIS / AP next to the tolerance F
+    for name in ("edges/odsF", "edges/oisF", "edges/ap", "edges/tolF"):
+        assert 0 <= result["metrics"][name] <= 1, name
+    assert "BSDS protocol (ods*, ois*, ap) at max_dist 0.011" in report
     from densemtl.data.scene import CLASS_NAMES
 
     assert f"| 00 {CLASS_NAMES[0]} |" in report and "- step: 4" in report

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "summary": ("densemtl.models.summary", "Print a per-module parameter table for a config."),
     "convert-official": ("densemtl.models.official", "Convert an official .pkl checkpoint."),
     "export": ("densemtl.export", "Export a checkpoint to ONNX."),
+    "eval-edges": ("densemtl.eval_edges", "Boundary ODS/OIS/AP (BSDS protocol) of edge maps."),
     "bench": ("densemtl.bench", "Time training steps and inference."),
 }
 

@@ -75,6 +75,8 @@ class MultiTaskMetrics(nn.Module):
             takes its number of classes from it).
         task_options: constructor options per task, e.g. ``{"depth": {"max_depth": 10}}``.
         scale: the output scale that is scored (0, the final prediction).
+        stage: ``val`` or ``test``; a metric's ``stage_defaults`` for it apply to the options
+            the caller does not set (the BSDS edge benchmark runs in ``test`` only).
 
     ``update(outputs, batch)`` scores ``outputs[task][scale]`` against ``batch[label_key]``
     with ``batch["has_<label_key>"]``; tasks absent from the batch or the outputs are skipped.
@@ -84,7 +86,7 @@ class MultiTaskMetrics(nn.Module):
 
     def __init__(self, tasks: Sequence[str] | Mapping[str, int | None],
                  task_options: Mapping[str, Mapping[str, Any]] | None = None,
-                 scale: int = 0) -> None:
+                 scale: int = 0, stage: str = "val") -> None:
         super().__init__()
         channels = dict(tasks) if isinstance(tasks, Mapping) else dict.fromkeys(tasks)
         task_options = dict(task_options or {})
@@ -95,10 +97,17 @@ class MultiTaskMetrics(nn.Module):
         declared = {name: get_task(name) for name in channels}
         self.scale = scale
         self.label_keys = {t: task.label_key for t, task in declared.items()}
+        self.stage = stage
         self.metrics = nn.ModuleDict({
-            t: task.build_metric(channels[t], **dict(task_options.get(t, {})))
+            t: task.build_metric(channels[t], **{**task.metric.stage_defaults.get(stage, {}),
+                                                 **dict(task_options.get(t, {}))})
             for t, task in declared.items()
         })
+
+    def configure(self, dataset_class: type | None) -> None:
+        """Dataset-dependent defaults (e.g. the edge matching distance), see ``TaskMetric``."""
+        for metric in self.metrics.values():
+            metric.configure(dataset_class)
 
     def __getitem__(self, task: str) -> TaskMetric:
         return self.metrics[task]  # type: ignore[return-value]

@@ -108,6 +108,9 @@ class DenseDataset(Dataset):
     has_intrinsics: ClassVar[bool] = True  # samples carry K (labels may be derived from it)
     has_sequences: ClassVar[bool] = False  # neighbouring frames can be loaded (``frames``)
     splits: ClassVar[tuple[str, ...]] = ("train", "val")
+    # edge matching distance of the BSDS protocol, as a fraction of the image diagonal: the
+    # dataset's standard (0.0075 as BSDS / PASCAL-Context; NYUDv2 0.011)
+    edge_max_dist: ClassVar[float] = 0.0075
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -246,6 +246,11 @@ class DenseDataModule(_Common):
         return self.dataset("val")
 
     @property
+    def evaluation_dataset_class(self) -> type[DenseDataset]:
+        """The class of the evaluated dataset (its conventions, e.g. ``edge_max_dist``)."""
+        return dataset_class(self.dataset_name)
+
+    @property
     def num_classes(self) -> int:
         return self.info_dataset.num_classes
 
@@ -389,6 +394,11 @@ class AdaptationDataModule(_Common):
             )
             self._check_classes()
         return self._datasets[role]
+
+    @property
+    def evaluation_dataset_class(self) -> type[DenseDataset]:
+        """The class of the evaluated (target) dataset."""
+        return dataset_class(self.target)
 
     def _check_classes(self) -> None:
         counts = {r: d.num_classes for r, d in self._datasets.items() if r != "target"}

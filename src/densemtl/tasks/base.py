@@ -14,7 +14,7 @@ call :func:`densemtl.tasks.register_task` once; see the README ("Adding a task")
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -80,6 +80,11 @@ class TaskMetric(Metric):
     task: ClassVar[str]
     directions: ClassVar[Mapping[str, bool]] = {}
     fractions: ClassVar[frozenset[str]] = frozenset()
+    # options that differ by evaluation stage unless the config sets them, e.g. a slow exact
+    # protocol in ``test`` only: ``{"test": {"bsds": True}}``
+    stage_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    # the unit of each metric that is not a fraction or a plain ratio (reports print it)
+    units: ClassVar[Mapping[str, str]] = {}
     is_differentiable = False
     higher_is_better = None
     full_state_update = False
@@ -92,6 +97,10 @@ class TaskMetric(Metric):
     def build(cls, channels: int | None = None, **options: Any) -> TaskMetric:
         """Construct from the task's output channels (most metrics ignore them) and options."""
         return cls(**options)
+
+    def configure(self, dataset_class: type | None) -> None:
+        """Adopt dataset-dependent defaults for options the config left unset (a run calls this
+        once at set-up with the evaluated dataset's class)."""
 
     def update(self, pred: Tensor, target: Tensor, has: Tensor | None = None) -> None:
         size = tuple(target.shape[-2:])
@@ -276,6 +285,10 @@ class Task:
     def constant(self, stats: Tensor) -> Any:
         """The best input-independent prediction, in physical units."""
         raise NotImplementedError
+
+    def describe_constant(self, value: Any, class_names: Sequence[str] | None = None) -> str:
+        """The constant prediction in words, for reports."""
+        return str(value)
 
     def constant_raw(self, stats: Tensor, channels: int, shape: tuple[int, int, int]) -> Tensor:
         """Raw head output [B,C,H,W] of the constant prediction (``shape`` = B, H, W)."""

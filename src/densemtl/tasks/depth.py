@@ -8,7 +8,7 @@ at the boundary (``decode``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -92,6 +92,7 @@ class DepthMetric(TaskMetric):
         "absRel": False, "sqRel": False, "rmse": False, "rmseLog": False,
         "delta1": True, "delta2": True, "delta3": True}
     fractions: ClassVar[frozenset[str]] = frozenset({"delta1", "delta2", "delta3"})
+    units: ClassVar[dict[str, str]] = {"sqRel": "m", "rmse": "m"}
     _NAMES = ("absRel", "sqRel", "mse", "mseLog", "delta1", "delta2", "delta3")
 
     def __init__(self, min_depth: float = 1e-3, max_depth: float = 80.0,
@@ -227,6 +228,9 @@ class DepthTask(Task):
 
     def constant(self, stats: Tensor) -> float:
         return float(stats[0] / stats[1]) if stats[1] > 0 else 1.0  # the mean valid depth
+
+    def describe_constant(self, value: Any, class_names: Sequence[str] | None = None) -> str:
+        return f"{float(value):.3f} m everywhere (the mean training depth)"
 
     def constant_raw(self, stats: Tensor, channels: int, shape: tuple[int, int, int]) -> Tensor:
         return depth_to_inverse(torch.full((shape[0], 1, *shape[1:]), self.constant(stats)))

@@ -1,4 +1,4 @@
-"""Edges: binary boundary maps, class-weighted cross-entropy, tolerance-matched F-measures."""
+"""Edges: binary boundary maps, class-weighted cross-entropy, tolerance F-measure and BSDS."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics.utilities import dim_zero_cat
 
+from ..boundaries import DEFAULT_MAX_DIST, bsds_thresholds, image_counts, summarise
 from ..functional import as_4d, safe_div, weighted_mean
 from .base import Task, TaskLoss, TaskMetric
 
@@ -70,42 +72,61 @@ def disk_max(x: Tensor, radius: float) -> Tensor:
 
 
 class EdgesMetric(TaskMetric):
-    """Edge detection: ODS / OIS F-measure with a matching tolerance, and pixel F1.
+    """Edge detection: a fast tolerance F-measure for validation, and the BSDS benchmark.
 
-    At each threshold t a predicted edge pixel (p >= t) is correct if a ground-truth edge lies
-    within ``radius`` pixels (Euclidean); a ground-truth edge pixel is recalled if a predicted
-    edge lies within ``radius``. The radius is ``tolerance * sqrt(H^2 + W^2)`` at label resolution
-    (``tolerance_unit="diagonal"``, BSDS's 0.0075 by default) or ``tolerance`` pixels
-    (``"pixels"``). ODS: precision / recall from counts summed over the dataset, best F over the
-    thresholds. OIS: per image the threshold with the best F, its counts summed over the dataset,
-    then F. ``pixF1``: F1 of the edge class at ``pixel_threshold`` without tolerance;
-    ``meanF1``: the mean of the edge and background F1 there (what the official code reports).
-    No thinning or one-to-one matching (see docs/metrics.md for how this differs from BSDS).
+    **Tolerance F-measure** (always; names ``tol*``): at each threshold t a predicted edge pixel
+    (p >= t) is correct if a ground-truth edge lies within the radius, and a ground-truth edge
+    pixel is recalled if a predicted edge lies within it; no thinning and no one-to-one matching,
+    so it runs on the accelerator in the evaluation loop. The radius is ``tolerance`` times the
+    label diagonal (``tolerance_unit="diagonal"``) or ``tolerance`` pixels (``"pixels"``).
+    ``tolF`` (``tolP``, ``tolR``, ``tolThr``): best F over the thresholds of dataset-summed
+    counts; ``tolImageF``: F of the counts summed over images, each at its own best threshold.
+    It ranks models like the benchmark does but is not comparable with published ODS / OIS.
+
+    **BSDS protocol** (``bsds=True``, on by default in ``test``; names ``ods*``, ``ois*``,
+    ``ap``): thinned predictions matched one to one within ``max_dist`` times the diagonal, by
+    :mod:`densemtl.boundaries` on the CPU, image by image (see ``docs/metrics.md``).
+
+    ``tolerance`` / ``max_dist`` left unset take the dataset's standard distance
+    (``edge_max_dist`` of the dataset class: 0.011 for NYUDv2 and the built-in benchmark, 0.0075
+    otherwise) when a run starts, else 0.0075. ``pixF1``: F1 of the edge class at
+    ``pixel_threshold`` without tolerance; ``meanF1``: the mean of the edge and background F1
+    there (what the official code reports).
     """
 
     task = "edges"
-    directions: ClassVar[dict[str, bool]] = {
-        "odsF": True, "odsP": True, "odsR": True, "oisF": True, "pixF1": True, "meanF1": True}
-    fractions: ClassVar[frozenset[str]] = frozenset(directions)  # odsThr: a threshold, no score
+    directions: ClassVar[dict[str, bool]] = dict.fromkeys(
+        ("tolF", "tolP", "tolR", "tolImageF", "pixF1", "meanF1",
+         "odsF", "odsP", "odsR", "oisF", "oisP", "oisR", "ap"), True)
+    fractions: ClassVar[frozenset[str]] = frozenset(directions)  # *Thr: thresholds, no score
+    stage_defaults: ClassVar[dict[str, dict[str, Any]]] = {"test": {"bsds": True}}
 
-    def __init__(self, thresholds: int | Sequence[float] = 99, tolerance: float = 0.0075,
+    def __init__(self, thresholds: int | Sequence[float] = 99, tolerance: float | None = None,
                  tolerance_unit: Literal["diagonal", "pixels"] = "diagonal",
-                 pixel_threshold: float = 0.5, decoded: bool = False, **kwargs: Any) -> None:
+                 pixel_threshold: float = 0.5, bsds: bool = False,
+                 max_dist: float | None = None, decoded: bool = False, **kwargs: Any) -> None:
         super().__init__(decoded=decoded, **kwargs)
         if isinstance(thresholds, int):
             if thresholds < 1:
                 raise ValueError(f"need at least one threshold, got {thresholds}")
-            values = torch.linspace(1, thresholds, thresholds, dtype=torch.float64)
-            values = values / (thresholds + 1)  # BSDS: 1/(n+1) ... n/(n+1)
+            values = torch.as_tensor(bsds_thresholds(thresholds))
         else:
             values = torch.as_tensor(list(thresholds), dtype=torch.float64)
             if values.numel() == 0 or bool((values[1:] <= values[:-1]).any()):
                 raise ValueError("thresholds must be a non-empty increasing sequence")
-        if tolerance < 0 or tolerance_unit not in ("diagonal", "pixels"):
-            raise ValueError(f"bad tolerance {tolerance!r} / unit {tolerance_unit!r}")
-        self.tolerance, self.tolerance_unit = float(tolerance), tolerance_unit
+        if (tolerance is not None and tolerance < 0) or tolerance_unit not in ("diagonal",
+                                                                               "pixels"):
+            raise ValueError(f"bad edges tolerance {tolerance!r} / unit {tolerance_unit!r}")
+        if max_dist is not None and max_dist <= 0:
+            raise ValueError(f"edges max_dist must be positive, got {max_dist}")
+        self.given = {"tolerance": tolerance is not None, "max_dist": max_dist is not None}
+        self.tolerance = DEFAULT_MAX_DIST if tolerance is None else float(tolerance)
+        self.tolerance_unit = tolerance_unit
+        self.max_dist = DEFAULT_MAX_DIST if max_dist is None else float(max_dist)
         self.pixel_threshold = float(pixel_threshold)
+        self.bsds = bool(bsds)
         self.register_buffer("thresholds", values.float(), persistent=False)
+        self.bsds_values = values.numpy()  # the exact float64 thresholds for the benchmark
         n = values.numel()
         # rows: matched predictions, predictions, matched ground truth, ground truth
         self.add_state("ods", torch.zeros(4, n, dtype=torch.long), dist_reduce_fx="sum")
@@ -113,9 +134,19 @@ class EdgesMetric(TaskMetric):
         # tp, fp, fn, number of scored pixels
         self.add_state("pix", torch.zeros(4, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("images", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        # BSDS: per-image counts [n_images, T, 4] (columns as boundaries.image_counts)
+        self.add_state("bsds_counts", [], dist_reduce_fx="cat")
+
+    def configure(self, dataset_class: type | None) -> None:
+        """Take the dataset's standard matching distance for the options left unset."""
+        standard = float(getattr(dataset_class, "edge_max_dist", DEFAULT_MAX_DIST))
+        if not self.given["tolerance"] and self.tolerance_unit == "diagonal":
+            self.tolerance = standard
+        if not self.given["max_dist"]:
+            self.max_dist = standard
 
     def radius(self, height: int, width: int) -> float:
-        """Matching distance in pixels for a label of this size."""
+        """Tolerance-F matching distance in pixels for a label of this size."""
         if self.tolerance_unit == "pixels":
             return self.tolerance
         return self.tolerance * math.hypot(height, width)
@@ -150,6 +181,17 @@ class EdgesMetric(TaskMetric):
         self.pix += torch.stack([(positive & gt).sum(), (positive & ~gt & sample).sum(),
                                  (~positive & gt).sum(), sample.sum()])
         self.images += mask.sum()
+        if self.bsds:
+            self._accumulate_bsds(prob, gt, mask)
+
+    def _accumulate_bsds(self, prob: Tensor, gt: Tensor, mask: Tensor) -> None:
+        """The benchmark's per-image counts, on the CPU (it reads values: a host sync)."""
+        keep = mask.view(-1).cpu().numpy()
+        maps, labels = prob.double().cpu().numpy(), gt.cpu().numpy()
+        rows = [image_counts(maps[i], labels[i], self.max_dist, self.bsds_values)
+                for i in range(len(keep)) if keep[i]]
+        if rows:
+            self.bsds_counts.append(torch.as_tensor(np.stack(rows), device=self.ods.device))
 
     @staticmethod
     def _f_measure(tp_p: Tensor, n_p: Tensor, tp_r: Tensor, n_r: Tensor) -> Tensor:
@@ -165,16 +207,25 @@ class EdgesMetric(TaskMetric):
         tn = total - tp - fp - fn
         edge_f1 = safe_div(2 * tp, 2 * tp + fp + fn)
         out = {
-            "odsF": f[best],
-            "odsP": precision[best],
-            "odsR": recall[best],
-            "odsThr": self.thresholds.double()[best],
-            "oisF": self._f_measure(*self.ois),
+            "tolF": f[best],
+            "tolP": precision[best],
+            "tolR": recall[best],
+            "tolThr": self.thresholds.double()[best],
+            "tolImageF": self._f_measure(*self.ois),
             "pixF1": edge_f1,
             "meanF1": (edge_f1 + safe_div(2 * tn, 2 * tn + fn + fp)) / 2,
         }
-        nan = torch.full_like(out["odsF"], float("nan"))
-        return {k: torch.where(self.images > 0, v, nan) for k, v in out.items()}
+        nan = torch.full_like(out["tolF"], float("nan"))
+        out = {k: torch.where(self.images > 0, v, nan) for k, v in out.items()}
+        if self.bsds:
+            counts = self.bsds_counts
+            table = (dim_zero_cat(counts) if isinstance(counts, list) and counts else
+                     counts if isinstance(counts, Tensor) else
+                     torch.zeros(0, len(self.bsds_values), 4, dtype=torch.long))
+            scores = summarise(table.cpu().numpy(), self.bsds_values)
+            out.update({k: torch.tensor(v, dtype=torch.float64, device=nan.device)
+                        for k, v in scores.items()})
+        return out
 
 
 def edge_probability(raw: Tensor) -> Tensor:
@@ -193,7 +244,7 @@ class EdgesTask(Task):
     default_channels = 2
     loss = EdgesLoss
     metric = EdgesMetric
-    main_metric = "odsF"
+    main_metric = "tolF"  # present in every evaluation (the benchmark runs in test only)
 
     def decode(self, raw: Tensor) -> Tensor:
         return edge_probability(raw)
@@ -219,6 +270,9 @@ class EdgesTask(Task):
 
     def constant(self, stats: Tensor) -> float:
         return float(stats[0] / stats[1]) if stats[1] > 0 else 0.0  # the edge frequency
+
+    def describe_constant(self, value: Any, class_names: Sequence[str] | None = None) -> str:
+        return f"edge probability {float(value):.3f} everywhere (the training edge frequency)"
 
     def constant_raw(self, stats: Tensor, channels: int, shape: tuple[int, int, int]) -> Tensor:
         p = min(max(self.constant(stats), 1e-6), 1 - 1e-6)

@@ -8,7 +8,7 @@ metric depth and the intrinsics ``K`` after the transforms (``derive``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -46,6 +46,8 @@ class NormalsMetric(TaskMetric):
         "mean": False, "median": False, "rmse": False,
         "within11": True, "within22": True, "within30": True}
     fractions: ClassVar[frozenset[str]] = frozenset({"within11", "within22", "within30"})
+    units: ClassVar[dict[str, str]] = {"mean": "degrees", "median": "degrees",
+                                       "rmse": "degrees"}
     THRESHOLDS = (11.25, 22.5, 30.0)
 
     def __init__(self, bin_width: float = 0.01, decoded: bool = False, **kwargs: Any) -> None:
@@ -152,6 +154,10 @@ class NormalsTask(Task):
     def constant(self, stats: Tensor) -> list[float]:
         n = stats if stats.norm() > 0 else torch.tensor([0.0, 0.0, -1.0], dtype=torch.float64)
         return (n / n.norm()).tolist()  # the normalised mean normal
+
+    def describe_constant(self, value: Any, class_names: Sequence[str] | None = None) -> str:
+        x, y, z = (float(v) for v in value)
+        return f"normal ({x:+.3f}, {y:+.3f}, {z:+.3f}) everywhere (the mean training normal)"
 
     def constant_raw(self, stats: Tensor, channels: int, shape: tuple[int, int, int]) -> Tensor:
         n = torch.tensor(self.constant(stats), dtype=torch.float32).view(1, 3, 1, 1)

@@ -159,6 +159,11 @@ class SemsegTask(Task):
     def constant(self, stats: Tensor) -> int:
         return int(stats.argmax())  # the majority class
 
+    def describe_constant(self, value: Any, class_names: Sequence[str] | None = None) -> str:
+        i = int(value)
+        name = f" ({class_names[i]})" if class_names and 0 <= i < len(class_names) else ""
+        return f"class {i}{name} everywhere (the most frequent training class)"
+
     def constant_raw(self, stats: Tensor, channels: int, shape: tuple[int, int, int]) -> Tensor:
         raw = torch.zeros(shape[0], channels, *shape[1:])
         raw[:, self.constant(stats)] = 1.0

@@ -27,7 +27,7 @@ from ..io import save_json, save_png, save_text
 from ..metrics import MultiTaskMetrics
 from ..tasks import get_task
 from ..viz import prediction_grid
-from .report import ConstantPredictor, render_report
+from .report import ConstantPredictor, describe_constant, render_report
 
 if TYPE_CHECKING:
     from .module import MultiTaskModule
@@ -119,8 +119,10 @@ class ReportWriter(Callback):
         batches = (b.get("source", b) for _, b in zip(range(self.constant_fit_batches), loader))
         module: MultiTaskModule = pl_module  # type: ignore[assignment]
         self.constant = ConstantPredictor(module.net.tasks).fit(batches)
-        self.metrics = MultiTaskMetrics(module.net.tasks, module.metric_options).to(
+        self.metrics = MultiTaskMetrics(module.net.tasks, module.metric_options,
+                                        stage="test").to(
             pl_module.device)
+        self.metrics.configure(getattr(dm, "evaluation_dataset_class", None))
 
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                           batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -156,15 +158,23 @@ class ReportWriter(Callback):
                      f"{sum(p.numel() for p in module.net.parameters()):,} parameters",
             "data": f"{getattr(dm, 'dataset_name', type(dm).__name__)} "
                     f"({getattr(dm, 'splits', {}).get('test', 'test')} split)",
-            "constant predictor": str(self.constant.values() if self.constant
-                                      else "not fitted (no training data)"),
             "step": module.evaluated_step,
         }
         try:
             names = list(dm.class_names) if dm is not None else None
         except Exception:  # a data module without class names (e.g. an image folder)
             names = None
-        report = render_report(values, constant, info, names)
+        info["constant predictor"] = describe_constant(
+            self.constant.values() if self.constant else {}, names)
+        info["score"] = module.scorer.describe()
+        edges = module.test_metrics.metrics["edges"] if "edges" in module.task_names else None
+        if edges is not None:
+            unit = "px" if edges.tolerance_unit == "pixels" else "of the diagonal"
+            proxy = f"tolerance F (tol*) at {edges.tolerance:g} {unit}"
+            info["edges"] = (f"BSDS protocol (ods*, ois*, ap) at max_dist {edges.max_dist:g} of "
+                             f"the diagonal; {proxy}" if edges.bsds else proxy)
+        report = render_report(values, constant, info, names,
+                               module.scorer.delta_m_note(values))
         save_text(run / "report.md", report)
         save_text(run / "reports" / f"{tag}.md", report)
 

@@ -17,6 +17,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import LearningRateMonitor
 from torch import Tensor
 
+from ..io import save_json
 from ..losses import MultiTaskLoss
 from ..metrics import MultiTaskMetrics
 from ..models import build_model
@@ -47,6 +48,9 @@ class MultiTaskModule(L.LightningModule):
         baselines: single-task results for delta_m, ``{"semseg/mIoU": 0.41, ...}``.
         baseline_runs: run folders (or metrics.json files) of single-task runs; their results
             are used for the metrics not given in ``baselines``.
+        score_metric: what ``val/score`` is: ``delta_m`` or a ``task/metric``; by default
+            delta_m when every task's main metric has a baseline when the run starts, else the
+            first task's main metric. Chosen once per run (see ``scoring.Scorer``).
         channels_last: train in the channels_last memory format.
         grid_samples: samples shown in the prediction grid written at each evaluation (0: none).
         constant_fit_batches: training batches used to fit the constant predictor whose scores
@@ -66,6 +70,7 @@ class MultiTaskModule(L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         baselines: dict[str, float] | None = None,
         baseline_runs: list[str] | None = None,
+        score_metric: str | None = None,
         channels_last: bool = False,
         grid_samples: int = 4,
         constant_fit_batches: int = 50,
@@ -76,9 +81,9 @@ class MultiTaskModule(L.LightningModule):
         self.task_names = list(self.net.tasks)
         self.criterion = MultiTaskLoss(self.task_names, **(loss or {}))
         self.metric_options = dict(metrics or {})
-        self.val_metrics = MultiTaskMetrics(self.net.tasks, self.metric_options)
-        self.test_metrics = MultiTaskMetrics(self.net.tasks, self.metric_options)
-        self.scorer = Scorer(self.task_names, baselines, baseline_runs)
+        self.val_metrics = MultiTaskMetrics(self.net.tasks, self.metric_options, stage="val")
+        self.test_metrics = MultiTaskMetrics(self.net.tasks, self.metric_options, stage="test")
+        self.scorer = Scorer(self.task_names, baselines, baseline_runs, score_metric)
         self.optimizer_cfg = dict(optimizer or {"name": "adam", "lr": 1e-4})
         self.scheduler_cfg = dict(scheduler or {"name": "none"})
         self.channels_last = channels_last
@@ -103,6 +108,20 @@ class MultiTaskModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         # ``trainer.log_dir`` is a collective under DDP: read it here, on every process.
         self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        dm = self.trainer.datamodule
+        dataset_class = getattr(dm, "evaluation_dataset_class", None) if dm is not None else None
+        for metrics in (self.val_metrics, self.test_metrics):
+            metrics.configure(dataset_class)
+        self.scorer.choose()  # once per run; a resumed fit restores its original choice
+
+    def on_fit_start(self) -> None:
+        line = self.scorer.describe()
+        if self.trainer.is_global_zero:
+            self.print(f"monitored val/score: {line}")
+            save_json(self.run_dir / "score.json", {**self.scorer.state(), "description": line})
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["densemtl_score"] = self.scorer.state()
 
     @property
     def run_dir(self) -> Path:
@@ -120,6 +139,9 @@ class MultiTaskModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.checkpoint_step = int(checkpoint.get("global_step", 0))
+        resuming = self._trainer is not None and self.trainer.state.fn == "fit"
+        if resuming and "densemtl_score" in checkpoint:  # the kind chosen when the run began
+            self.scorer.restore(checkpoint["densemtl_score"])
 
     def forward(self, image: Tensor) -> dict[str, dict[int, Tensor]]:
         if self.channels_last:

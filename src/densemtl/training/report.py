@@ -55,13 +55,42 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
 
 
+def metric_unit(name: str) -> str:
+    """The unit a report prints ``task/metric`` in: ``%`` for fractions, else the metric's own
+    (``m``, ``degrees``), else empty (ratios, thresholds)."""
+    task, _, metric = name.partition("/")
+    try:
+        cls = get_task(task).metric
+    except KeyError:
+        return ""
+    root = metric.split("/")[0]
+    if root in cls.fractions:
+        return "%"
+    return cls.units.get(root, "")
+
+
+def _in_unit(value: float | None, unit: str) -> str:
+    if unit == "%" and value is not None and math.isfinite(value):
+        return f"{100 * value:.2f}"
+    return _fmt(value)
+
+
+def describe_constant(values: Mapping[str, Any], class_names: Sequence[str] | None = None) -> str:
+    """The constant predictor in words: ``semseg: class 0 (road) everywhere ...; depth: ...``."""
+    if not values:
+        return "not fitted (no training data)"
+    return "; ".join(f"{t}: {get_task(t).describe_constant(v, class_names)}"
+                     for t, v in values.items())
+
+
 def render_report(values: Mapping[str, float], constant: Mapping[str, float] | None,
-                  info: Mapping[str, Any], class_names: Sequence[str] | None = None) -> str:
-    """Markdown: run information, per-task metric table, delta_m, trivial rows."""
+                  info: Mapping[str, Any], class_names: Sequence[str] | None = None,
+                  delta_m_note: str | None = None) -> str:
+    """Markdown: run information, per-task metric table with units, delta_m, trivial rows."""
     lines = ["# densemtl test report", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
-    lines += ["", "| task | metric | model | constant predictor | better |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| task | metric | unit | model | constant predictor | better |",
+              "|---|---|---|---|---|---|"]
     for name, value in values.items():
         if "/" not in name or name.startswith("delta"):
             continue
@@ -72,10 +101,14 @@ def render_report(values: Mapping[str, float], constant: Mapping[str, float] | N
             better = "higher" if higher_is_better(name) else "lower"
         except (KeyError, ValueError):
             better = ""
+        unit = metric_unit(name)
         const = constant.get(name) if constant else None
-        lines.append(f"| {task} | {metric} | {_fmt(value)} | {_fmt(const)} | {better} |")
+        lines.append(f"| {task} | {metric} | {unit} | {_in_unit(value, unit)} | "
+                     f"{_in_unit(const, unit)} | {better} |")
     lines.append("")
-    if "delta_m" in values:
+    if delta_m_note is not None:
+        lines.append(delta_m_note)
+    elif "delta_m" in values:
         lines.append(f"**delta_m = {values['delta_m']:+.2f}%** (mean signed relative change "
                      "against the single-task baselines of the config).")
     else:
@@ -83,7 +116,7 @@ def render_report(values: Mapping[str, float], constant: Mapping[str, float] | N
                      "or `baseline_runs`).")
     per_class = {k.split("IoU/", 1)[1]: v for k, v in values.items() if "/IoU/" in k}
     if per_class:
-        lines += ["", "Per-class IoU (semseg):", "",
+        lines += ["", "Per-class IoU (semseg, %):", "",
                   "| class | IoU |", "|---|---|"]
         names = list(class_names or [])
 
@@ -91,5 +124,5 @@ def render_report(values: Mapping[str, float], constant: Mapping[str, float] | N
             i = int(c) if c.isdigit() else -1
             return f"{c} {names[i]}" if 0 <= i < len(names) else c
 
-        lines += [f"| {label(c)} | {_fmt(v)} |" for c, v in per_class.items()]
+        lines += [f"| {label(c)} | {_in_unit(v, '%')} |" for c, v in per_class.items()]
     return "\n".join(lines) + "\n"
