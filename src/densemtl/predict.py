@@ -109,11 +109,12 @@ def _batches(files: list[tuple[Path, Path]], batch_size: int, summary: Summary,
         try:
             image = read_image(path)
         except (DataError, OSError) as exc:
+            # the reader's message names the file already; an OSError's may not
+            reason = str(exc) if str(path) in str(exc) else f"cannot read {path}: {exc}"
             if not skip_unreadable:
-                raise DataError(f"cannot read input image {path}: {exc} "
-                                "(use --skip-unreadable to go on without it)") from exc
+                raise DataError(f"{reason} (use --skip-unreadable to go on without it)") from exc
             summary.skipped.append((path, str(exc)))
-            print(f"skipped unreadable input: {path} ({exc})", file=sys.stderr)
+            print(f"skipped: {reason}", file=sys.stderr)
             continue
         if batch and (image.shape != batch[0][2].shape or len(batch) == batch_size):
             yield batch

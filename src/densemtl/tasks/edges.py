@@ -109,10 +109,10 @@ class EdgesMetric(TaskMetric):
         if isinstance(thresholds, int):
             if thresholds < 1:
                 raise ValueError(f"need at least one threshold, got {thresholds}")
-            values = torch.as_tensor(bsds_thresholds(thresholds))
+            values = bsds_thresholds(thresholds)
         else:
-            values = torch.as_tensor(list(thresholds), dtype=torch.float64)
-            if values.numel() == 0 or bool((values[1:] <= values[:-1]).any()):
+            values = np.asarray(list(thresholds), dtype=np.float64)
+            if values.size == 0 or bool((values[1:] <= values[:-1]).any()):
                 raise ValueError("thresholds must be a non-empty increasing sequence")
         if (tolerance is not None and tolerance < 0) or tolerance_unit not in ("diagonal",
                                                                                "pixels"):
@@ -125,9 +125,11 @@ class EdgesMetric(TaskMetric):
         self.max_dist = DEFAULT_MAX_DIST if max_dist is None else float(max_dist)
         self.pixel_threshold = float(pixel_threshold)
         self.bsds = bool(bsds)
-        self.register_buffer("thresholds", values.float(), persistent=False)
-        self.bsds_values = values.numpy()  # the exact float64 thresholds for the benchmark
-        n = values.numel()
+        # float32 on the accelerator for the tolerance F; the exact float64 ones for the benchmark
+        self.register_buffer("thresholds", torch.tensor(values, dtype=torch.float32),
+                             persistent=False)
+        self.bsds_values = values
+        n = len(values)
         # rows: matched predictions, predictions, matched ground truth, ground truth
         self.add_state("ods", torch.zeros(4, n, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("ois", torch.zeros(4, dtype=torch.long), dist_reduce_fx="sum")
