@@ -111,9 +111,10 @@ def rotation_deg(R: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pose_and_figure(ckpt: Path, root: Path, figure: Path | None,
-                    rows: int = 4) -> dict[str, float]:
-    """Pose errors of a checkpoint's pose network on the val sequences (and the figure)."""
+def pose_and_figure(ckpt: Path, root: Path, figure: Path | None, rows: int = 4,
+                    given: bool = False) -> dict[str, float]:
+    """Pose errors of a checkpoint's pose network on the val sequences (and the figure, whose
+    photometric errors warp with the exact motion when ``given``)."""
     module = SelfSupervisedDepthModule.load_from_checkpoint(str(ckpt), map_location="cpu")
     module.eval()
     ds = SyntheticDataset(root, "val", ["depth"], frames=[-1, 1])
@@ -133,12 +134,14 @@ def pose_and_figure(ckpt: Path, root: Path, figure: Path | None,
         t_pred.append(tp)
         t_gt.append(tg)
         if figure is not None and len(pictures) < rows:
-            depth = task.decode(module(image)[module.depth_task][0])
+            raw = task.decode(module(image)[module.depth_task][0])
             gt_depth = s["depth"][None]
             valid = gt_depth > 0
-            depth = depth * gt_depth[valid].median() / depth[valid].median()
-            errors = [photometric_error(warp(frames[:, k], depth, s["K"][None],
-                                             pred[None, k].float()), image)
+            depth = raw * gt_depth[valid].median() / raw[valid].median()  # shown median-scaled
+            # warped with the depth at the network's own scale, which its motion matches
+            errors = [photometric_error(warp(frames[:, k], raw, s["K"][None],
+                                             (gt if given else pred)[None, k].float()),
+                                        image)
                       for k in range(frames.shape[1])]
             err = torch.cat(errors, 1).amin(1)[0].numpy()
             colour = get_task("depth").colourise
@@ -258,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     root = ROOT / DATA
     text = (f"{table(out, args.seeds, root)}\n\nPose network on the val sequences (mean over "
             f"pairs and seeds):\n\n{pose_table(out, args.seeds, root)}\n")
+    for s in args.seeds:  # the control's figure, warped with the exact motion
+        d = run_dir(out, "sde_densemtl_given_pose", s)
+        figure = out / f"sde_densemtl_given_pose_s{s}_depth.png"
+        if not figure.is_file() and finished(d, STEPS):
+            pose_and_figure(d / "checkpoints" / "last.ckpt", root, figure, given=True)
     save_text(out / "results.md", text)
     print(text)
     return 0
