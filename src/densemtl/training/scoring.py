@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..metrics import delta_m, higher_is_better, load_baselines, main_metric_names
 
@@ -59,8 +59,9 @@ class Scorer:
         """Config baselines, completed from the baseline runs that have results (read now)."""
         found = [r for r in self.runs if (Path(r) / "metrics.json").is_file() or Path(r).is_file()]
         self.missing_runs = sorted(set(self.runs) - set(found))
-        if self.missing_runs:
-            rank_zero_warn(f"delta_m: no results yet in baseline run(s) {self.missing_runs} "
+        if self.missing_runs:  # a line, not a warning: starting before the baselines is normal
+            rank_zero_info(f"delta_m: no results yet in baseline run(s) "
+                           f"{', '.join(self.missing_runs)} "
                            "(train and test the single-task configs first)")
         merged = load_baselines(found) if found else {}
         return {**merged, **self.given}
@@ -99,7 +100,7 @@ class Scorer:
                     "baselines " + ", ".join(f"{k}={v:.4g}" for k, v in self.frozen.items()))
         why = "the config's score_metric" if self.score_metric else (
             "the first task's main metric; delta_m needs a baseline for every task's main metric"
-            + (f", and baseline run(s) {self.missing_runs} have no results yet"
+            + (f", and baseline run(s) {', '.join(self.missing_runs)} have no results yet"
                if self.missing_runs else ""))
         sign = "" if higher_is_better(self.kind) else "minus "
         return f"score = {sign}{self.kind} ({why})"
