@@ -245,13 +245,18 @@ def test_ddp_two_processes_give_the_single_process_metrics(trained, tmp_path):
         out = tmp_path / f"val{devices}"
         cmd = [sys.executable, "-m", "densemtl", "validate", "--config", str(config),
                "--ckpt_path", ckpt, "--trainer.default_root_dir", str(out),
-               "--trainer.devices", str(devices), "--data.init_args.batch_size", "2"]
+               "--trainer.devices", str(devices), "--data.init_args.batch_size", "2",
+               # the BSDS edge benchmark too: its per-image counts are a list state
+               "--model.init_args.metrics", json.dumps({"edges": {
+                   "thresholds": 9, "tolerance": 1, "tolerance_unit": "pixels", "bsds": True}})]
         if devices == 2:
             cmd += ["--trainer.strategy", "ddp"]
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[devices] = json.loads((out / "metrics" / "val-last.json").read_text())["metrics"]
+    # the command line's metric options won over the checkpoint's (which have no bsds)
+    assert 0 < results[1]["edges/odsF"] < 1 and "edges/ap" in results[1]
     for name, value in results[1].items():
         assert results[2][name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
 

@@ -8,6 +8,7 @@ adds ``metrics.json`` and ``report.md``. ``--ckpt_path last`` resumes exactly.
 
 from __future__ import annotations
 
+import copy
 import csv
 import importlib
 import os
@@ -90,6 +91,12 @@ class AppendingCSVLogger(CSVLogger):
         return self._experiment
 
 
+# model arguments that say how a model is evaluated, not what it is: taken from the config and
+# command line even when ``--ckpt_path`` brings the training run's arguments
+EVALUATION_OPTIONS = ("metrics", "baselines", "baseline_runs", "score_metric",
+                      "constant_fit_batches", "grid_samples")
+
+
 class DenseCLI(LightningCLI):
     """LightningCLI with densemtl's run-folder layout, checkpointing and loggers."""
 
@@ -106,6 +113,20 @@ class DenseCLI(LightningCLI):
             sub = getattr(parser, "_subcommands_action", None)
             sub_parser = sub._name_parser_map.get(words[0]) if sub and words else None
             raise UsageError(parse_error_message(exc, sub_parser or parser)) from None
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the model's arguments with those saved in ``--ckpt_path``: right
+        for the network (it must match the weights), wrong for how it is evaluated. The
+        evaluation options of the config and the command line are kept."""
+        sub = self.config.get("subcommand")
+        init = self.config[sub].get("model.init_args") if sub else None
+        kept = {k: copy.deepcopy(init[k]) for k in EVALUATION_OPTIONS
+                if init is not None and k in init}
+        super()._parse_ckpt_path()
+        if kept:
+            init = self.config[sub].get("model.init_args")
+            for key, value in kept.items():
+                init[key] = value
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
