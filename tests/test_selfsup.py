@@ -450,6 +450,8 @@ def test_sde_config_fits_and_tests_from_the_command_line(tmp_path, monkeypatch):
     for key in ("disp/absRel", "disp/rmse", "disp/delta1", "semseg/mIoU"):
         assert key in values and math.isfinite(values[key]), key
     assert (tmp_path / "data/synthetic_seq/sequence").is_dir()
+    report = (run / "report.md").read_text()
+    assert "- disp: each image's prediction scaled by median(GT) / median(prediction)" in report
 
 
 def test_decoder_scales_per_task():

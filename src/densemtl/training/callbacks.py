@@ -173,6 +173,11 @@ class ReportWriter(Callback):
             proxy = f"tolerance F (tol*) at {edges.tolerance:g} {unit}"
             info["edges"] = (f"BSDS protocol (ods*, ois*, ap) at max_dist {edges.max_dist:g} of "
                              f"the diagonal; {proxy}" if edges.bsds else proxy)
+        for task, metric in module.test_metrics.metrics.items():
+            if getattr(metric, "median_scaling", False):
+                info[task] = (f"each image's prediction scaled by median(GT) / median(prediction) "
+                              f"(the self-supervised protocol), GT in ({metric.min_depth:g}, "
+                              f"{metric.max_depth:g}) m")
         report = render_report(values, constant, info, names,
                                module.scorer.delta_m_note(values))
         save_text(run / "report.md", report)
