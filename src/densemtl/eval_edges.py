@@ -98,30 +98,20 @@ def evaluate_folders(pred: Path, gt: Path, max_dist: float = DEFAULT_MAX_DIST,
         raise UsageError(f"no prediction in {pred} has the name of a ground-truth map in {gt}")
     work = partial(_counts, max_dist=max_dist, thresholds=thresholds)
     start, last, rows = time.monotonic(), time.monotonic(), []
-    with ProcessPoolExecutor(workers) if workers > 1 else _Serial() as pool:
-        for i, row in enumerate(pool.map(work, pairs), 1):
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        for i, row in enumerate((pool.map if pool else map)(work, pairs), 1):
             rows.append(row)
             if progress and (time.monotonic() - last > 10 or i == len(pairs)):
                 last = time.monotonic()
                 print(f"  {i}/{len(pairs)} images, {last - start:.0f} s", flush=True)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     out = summarise(np.stack(rows), bsds_thresholds(thresholds))
     out.update(images=len(pairs), unmatched_gt=len(missing), seconds=time.monotonic() - start,
                max_dist=max_dist, thresholds=thresholds)
     return out
-
-
-class _Serial:
-    """The executor interface, in this process."""
-
-    def __enter__(self) -> _Serial:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    @staticmethod
-    def map(fn, items):  # type: ignore[no-untyped-def]
-        return map(fn, items)
 
 
 def main(argv: list[str], command: str = "eval-edges") -> int:
