@@ -69,6 +69,8 @@ def config(dataset: str, root: str, method: str, tasks: tuple[str, ...], *, clas
         "network": network(method, encoder, decoder, exchange),
         "loss": {"weights": {t: (1 if stl else weights[t]) for t in tasks},
                  "scales": [0] if stl else [0, 1]},
+        # the paper: the fixed-weight sum; any densemtl.weighting method by name
+        "weighting": {"name": "fixed"},
         "metrics": metric_opts,
         "optimizer": stl_optimizer if stl else mtl_optimizer,
         "scheduler": scheduler,

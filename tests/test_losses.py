@@ -11,6 +11,7 @@ from densemtl.tasks.depth import BerHuLoss
 from densemtl.tasks.edges import EdgesLoss
 from densemtl.tasks.normals import NormalsLoss
 from densemtl.tasks.semseg import SemsegLoss
+from densemtl.weighting import build_weighting
 
 TASK_NAMES = ["semseg", "depth", "normals", "edges"]
 
@@ -218,44 +219,6 @@ def test_task_options_reach_the_task_losses():
     assert crit.losses["edges"].pos_weight == 0.8
 
 
-def test_uncertainty_weighting():
-    outputs, batch = make_batch()
-    crit = MultiTaskLoss(["semseg", "depth"], {"semseg": 2.0}, weighting="uncertainty")
-    assert [n for n, _ in crit.named_parameters()] == ["log_vars"]
-    terms = crit(outputs, batch)
-    # log-variances start at 0: total = 0.5 * sum_t w_t L_t
-    expected = 0.5 * (2.0 * terms["semseg"] + terms["depth"])
-    torch.testing.assert_close(terms["total"], expected)
-    assert terms["semseg/weight"].item() == pytest.approx(1.0)
-    terms["total"].backward()
-    # d total / d s_t = -0.5 w_t L_t + 0.5
-    grad = torch.stack([-terms["semseg"] + 0.5, -0.5 * terms["depth"] + 0.5]).detach()
-    torch.testing.assert_close(crit.log_vars.grad, grad)
-
-
-def test_dwa_weights_follow_epoch_losses_and_survive_state_dict():
-    outputs, batch = make_batch()
-    crit = MultiTaskLoss(["semseg", "depth"], weighting="dwa")
-    crit.epoch_end({"semseg": 1.0, "depth": 4.0})
-    torch.testing.assert_close(crit.dwa_weights, torch.ones(2))  # first two epochs: 1
-    crit.epoch_end({"semseg": 0.5, "depth": torch.tensor(4.0)})
-    ratio = torch.tensor([0.5, 1.0])
-    expected = 2 * torch.softmax(ratio / 2.0, 0)
-    torch.testing.assert_close(crit.dwa_weights, expected)
-    terms = crit(outputs, batch)
-    torch.testing.assert_close(
-        terms["total"], expected[0] * terms["semseg"] + expected[1] * terms["depth"])
-    restored = MultiTaskLoss(["semseg", "depth"], weighting="dwa")
-    restored.load_state_dict(crit.state_dict())
-    torch.testing.assert_close(restored.dwa_weights, expected)
-    restored.epoch_end({"semseg": 0.5, "depth": 2.0})  # uses the restored history
-    torch.testing.assert_close(restored.dwa_weights,
-                               2 * torch.softmax(torch.tensor([1.0, 0.5]) / 2.0, 0))
-    with pytest.raises(KeyError):
-        restored.epoch_end({"semseg": 1.0})
-    MultiTaskLoss(["semseg"]).epoch_end({})  # no-op for fixed weights
-
-
 def test_bf16_autocast_computes_in_fp32():
     outputs, batch = make_batch()
     bf16 = {t: {s: p.detach().bfloat16().requires_grad_(True) for s, p in sc.items()}
@@ -279,7 +242,9 @@ def test_no_host_sync_in_forward():
     meta_out = {t: {s: p.detach().to("meta") for s, p in sc.items()} for t, sc in outputs.items()}
     meta_batch = {k: v.to("meta") for k, v in batch.items()}
     meta_batch["has_depth"] = torch.ones(2, dtype=torch.bool, device="meta")
-    for weighting in ("fixed", "uncertainty", "dwa"):
-        crit = MultiTaskLoss(TASK_NAMES, weighting=weighting).to("meta")
-        terms = crit(meta_out, meta_batch)
-        assert terms["total"].device.type == "meta" and terms["total"].shape == ()
+    crit = MultiTaskLoss(TASK_NAMES).to("meta")
+    terms = crit(meta_out, meta_batch)
+    assert terms["total"].device.type == "meta" and terms["total"].shape == ()
+    for name in ("fixed", "uncertainty", "dwa", "famo"):  # the loss weightings too
+        total = build_weighting(name, TASK_NAMES).to("meta").combine(crit.weighted(terms))
+        assert total.device.type == "meta" and total.shape == (), name

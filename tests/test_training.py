@@ -265,17 +265,17 @@ def test_module_builds_optimiser_groups():
     module = MultiTaskModule(TASKS, {"arch": "mtl", "encoder": {"name": "resnet18",
                                                                  "pretrained": False},
                                      "decoder": {"num_ch_dec": [8, 16, 16, 32, 32]}},
-                             loss={"weighting": "uncertainty"},
+                             weighting={"name": "uncertainty"},
                              optimizer={"name": "sgd", "lr": 0.01, "backbone_lr": 0.001,
                                         "momentum": 0.9})
     from densemtl.training.optim import build_optimizer
 
-    opt = build_optimizer(module.net, module.criterion, module.optimizer_cfg)
+    opt = build_optimizer(module.net, module.loss_parameters(), module.optimizer_cfg)
     enc = {id(p) for p in module.net.encoder.parameters()}
     groups = {g["name"]: g for g in opt.param_groups}
     assert groups["encoder"]["lr"] == 0.001 and groups["rest"]["lr"] == 0.01
     assert {id(p) for p in groups["encoder"]["params"]} == enc
-    assert id(module.criterion.log_vars) in {id(p) for p in groups["rest"]["params"]}
+    assert id(module.weighting.uw.log_var) in {id(p) for p in groups["rest"]["params"]}
     n_all = len(list(module.net.parameters())) + 1
     assert len(groups["encoder"]["params"]) + len(groups["rest"]["params"]) == n_all
 

@@ -4,6 +4,11 @@ A training step is what the paper's recipe runs: forward, the paper's losses (it
 task set), backward, global gradient clipping at 10, Adam with the two parameter groups.
 Inputs and labels are random (valid values). Prints a table and, with ``--json``, one JSON
 object as the last line (``s_per_iter_median``, ``img_per_s``, ``peak_mem_MiB``, phases, ...).
+
+``--weighting`` times the step of a multi-task weighting method instead of the fixed-weight sum
+(a gradient aggregation: one backward per task to the encoder's outputs, the per-task encoder
+Jacobian, the aggregation); a comma-separated list runs each method in its own process (so the
+peak memory is that method's) and prints a table against ``fixed``.
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +31,7 @@ import torch
 from .losses import MultiTaskLoss, paper_weights
 from .models import build_model
 from .tasks import get_task, parse_tasks
+from .weighting import WEIGHTINGS, build_weighting
 
 DECODERS = {"paper": [64, 128, 128, 256, 256], "slim": [16, 32, 32, 64, 64]}
 PRECISIONS = ("fp32", "fp32-strict", "tf32", "bf16")
@@ -64,6 +72,9 @@ def build_parser(prog: str = "densemtl bench") -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--weighting", default="fixed",
+                   help="multi-task weighting method of the training step (default fixed), or "
+                        f"a comma-separated list to compare; one of {', '.join(WEIGHTINGS)}")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return p
 
@@ -149,19 +160,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
          {"params": [p for p in model.parameters() if id(p) not in enc], "lr": 3e-4}],
         betas=(0.9, 0.98))
     bf16 = args.precision == "bf16"
+    weighting = build_weighting(args.weighting, list(tasks)).to(device)
+    if weighting.optimised_parameters():
+        optimizer.add_param_group({"params": weighting.optimised_parameters(), "lr": 3e-4})
 
     def autocast() -> contextlib.AbstractContextManager[Any]:
         return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else \
             contextlib.nullcontext()
 
     def train_step() -> None:
-        with autocast():
-            out = forward(batch["image"])
-        loss = criterion(out, batch)["total"]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if weighting.uses_gradients:
+            with autocast():
+                out, features = model.forward_with_features(batch["image"])
+            values = criterion.weighted(criterion(out, batch))
+            weighting.backward(values, features, model.shared_parameters(),
+                               model.task_parameters())
+        else:
+            with autocast():
+                out = forward(batch["image"])
+            terms = criterion(out, batch)
+            loss = terms["total"] if weighting.linear else \
+                weighting.combine(criterion.weighted(terms))
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         optimizer.step()
+        if weighting.needs_values_after_step:  # FAMO: the batch again, without gradients
+            with torch.no_grad(), autocast():
+                weighting.after_step(criterion.weighted(criterion(forward(batch["image"]),
+                                                                  batch)))
 
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -176,6 +203,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batched_pairs": cfg["network"].get("exchange", {}).get("batched"),
         "checkpoint_exchange": cfg["network"].get("exchange", {}).get("checkpoint"),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "weighting": weighting.name,
+        "weighting_kind": "gradient" if weighting.uses_gradients else "loss",
     }
     if args.mode in ("train", "both"):
         model.train()
@@ -183,8 +212,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         med = statistics.median(times)
         result.update({"s_per_iter_median": med, "s_per_iter_min": min(times),
                        "img_per_s": args.batch / med, "peak_mem_MiB": _peak_mib(device)})
-        result["phases_s"] = phase_split(forward, criterion, optimizer, model, batch, autocast,
-                                         device, max(2, args.iters // 2))
+        if weighting.name == "fixed":
+            result["phases_s"] = phase_split(forward, criterion, optimizer, model, batch,
+                                             autocast, device, max(2, args.iters // 2))
     if args.mode in ("infer", "both"):
         model.eval()
 
@@ -236,12 +266,14 @@ def format_table(r: dict[str, Any]) -> str:
              f"{', compiled' if r['compile'] else ''}"),
             ("paths", f"attention {r['attention']}, fused upsample {r['fused_upsample']}, "
              f"batched pairs {r['batched_pairs']}, checkpointed exchange "
-             f"{r['checkpoint_exchange']}")]
-    if "phases_s" in r:
+             f"{r['checkpoint_exchange']}"),
+            ("weighting", f"{r['weighting']} ({r['weighting_kind']})")]
+    if "s_per_iter_min" in r:
         rows += [("train s/iter (median)", f"{r['s_per_iter_median']:.4f}"),
                  ("train images/s", f"{r['img_per_s']:.2f}"),
-                 ("peak memory (MiB)", f"{r['peak_mem_MiB']:.0f}"),
-                 ("phases (s)", ", ".join(f"{k} {v:.4f}" for k, v in r["phases_s"].items()))]
+                 ("peak memory (MiB)", f"{r['peak_mem_MiB']:.0f}")]
+    if "phases_s" in r:
+        rows += [("phases (s)", ", ".join(f"{k} {v:.4f}" for k, v in r["phases_s"].items()))]
     if "infer_s_per_iter_median" in r:
         rows += [("inference s/iter (median)", f"{r['infer_s_per_iter_median']:.4f}"),
                  ("inference images/s", f"{r['infer_img_per_s']:.2f}"),
@@ -250,8 +282,58 @@ def format_table(r: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def compare_weightings(argv: list[str], names: list[str], as_json: bool) -> int:
+    """Run one ``bench --weighting <name>`` process per method; print the cost table."""
+    base = [a for i, a in enumerate(argv) if a != "--json" and not a.startswith("--weighting")
+            and not (i > 0 and argv[i - 1] == "--weighting")]
+    if "fixed" not in names:
+        names = ["fixed", *names]
+    results = []
+    for name in names:
+        cmd = [sys.executable, "-m", "densemtl", "bench", *base, "--weighting", name, "--json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode or not lines:
+            err = (proc.stderr.strip().splitlines() or lines or ["failed"])[-1]
+            results.append({"weighting": name, "error": err})
+            print(f"{name}: {err}", file=sys.stderr)
+            continue
+        results.append(json.loads(lines[-1]))
+        print(f"{name}: {results[-1].get('s_per_iter_median', float('nan')):.3f} s/step",
+              file=sys.stderr)
+    print(weighting_table(results))
+    if as_json:
+        print(json.dumps(results))
+    return 0 if all("error" not in r for r in results) else 1
+
+
+def weighting_table(results: list[dict[str, Any]]) -> str:
+    """Markdown table: seconds and peak memory per training step, against fixed weights."""
+    ref = next((r for r in results if r.get("weighting") == "fixed" and "error" not in r), None)
+    lines = ["| weighting | kind | s/step (median) | x fixed | peak MiB | x fixed |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['weighting']} | - | {r['error']} | | | |")
+            continue
+        t, m = r["s_per_iter_median"], r["peak_mem_MiB"]
+        rt = f"{t / ref['s_per_iter_median']:.2f}" if ref else "-"
+        rm = f"{m / ref['peak_mem_MiB']:.2f}" if ref else "-"
+        lines.append(f"| {r['weighting']} | {r['weighting_kind']} | {t:.3f} | {rt} | {m:.0f} "
+                     f"| {rm} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None, command: str = "bench") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(f"densemtl {command}").parse_args(argv)
+    names = [n.strip() for n in args.weighting.split(",") if n.strip()]
+    for name in names:
+        if name not in WEIGHTINGS and "." not in name:
+            build_parser(f"densemtl {command}").error(
+                f"--weighting: unknown method '{name}' (choose from {', '.join(WEIGHTINGS)})")
+    if len(names) > 1:
+        return compare_weightings(argv, names, args.json)
     try:
         result = run(args)
     except torch.OutOfMemoryError as exc:

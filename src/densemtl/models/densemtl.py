@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,14 @@ def level_strides(reductions: Sequence[int]) -> list[int]:
     return [1, *(int(r) for r in reductions[:-1])]
 
 
+class SharedFeatures(NamedTuple):
+    """The shared trunk's outputs (``outputs``, on the trunk's graph) and the detached copies
+    the task branches consumed (``inputs``)."""
+
+    outputs: list[Tensor]
+    inputs: list[Tensor]
+
+
 class MultiTaskNet(nn.Module):
     """Base of every model: task list, shared encoder, ``predict`` in physical units."""
 
@@ -53,6 +61,47 @@ class MultiTaskNet(nn.Module):
         self.class_names: list[str] | None = None  # dataset metadata, kept by checkpoints
         self.palette: Any = None
         self.input_size: tuple[int, int] | None = None  # the training resolution (H, W)
+
+    def shared_module(self) -> nn.Module:
+        """The trunk every task's output depends on (the encoder). Gradient-aggregating
+        weightings balance the task gradients of its parameters, taken at its outputs; a model
+        whose shared trunk is not ``encoder`` overrides this."""
+        return self.encoder
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The trained parameters of :meth:`shared_module`."""
+        return [p for p in self.shared_module().parameters() if p.requires_grad]
+
+    def task_parameters(self) -> list[nn.Parameter]:
+        """Every other trained parameter (decoders, exchange blocks, heads)."""
+        shared = {id(p) for p in self.shared_module().parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in shared]
+
+    def forward_with_features(self, image: Tensor) -> tuple[Outputs, SharedFeatures]:
+        """``forward(image)`` with the task branches cut from the trunk: the outputs of
+        :meth:`shared_module` are handed on as detached leaves, so one backward per task stops
+        at them and one (batched) backward from them reaches the trunk's parameters."""
+        kept: list[tuple[Tensor, Tensor]] = []
+
+        def cut(_module: nn.Module, _args: Any, output: Any) -> Any:
+            def leaf(t: Tensor) -> Tensor:
+                if not (isinstance(t, Tensor) and t.requires_grad):
+                    return t
+                kept.append((t, t.detach().requires_grad_()))
+                return kept[-1][1]
+
+            if isinstance(output, Tensor):
+                return leaf(output)
+            if isinstance(output, dict):
+                return {k: leaf(v) for k, v in output.items()}
+            return type(output)(leaf(t) for t in output)
+
+        handle = self.shared_module().register_forward_hook(cut)
+        try:
+            out = self(image)
+        finally:
+            handle.remove()
+        return out, SharedFeatures([o for o, _ in kept], [x for _, x in kept])
 
     @property
     def max_stride(self) -> int:

@@ -8,6 +8,7 @@ files (metrics JSON, prediction grids, the test report) and checkpoint extras ar
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from ..io import save_json
 from ..losses import MultiTaskLoss
 from ..metrics import MultiTaskMetrics
 from ..models import build_model
-from ..models.densemtl import MultiTaskNet
+from ..models.densemtl import MultiTaskNet, SharedFeatures
+from ..weighting import Weighting, build_weighting
 from .callbacks import (
     DatasetInfo,
     EvaluationWriter,
@@ -40,7 +42,10 @@ class MultiTaskModule(L.LightningModule):
     Args:
         tasks: ordered ``{task: {channels: n} | null}`` (as ``densemtl.tasks.parse_tasks``).
         network: the model's ``network`` config (``arch`` + options), see ``build_model``.
-        loss: ``MultiTaskLoss`` options (``weights``, ``scales``, ``weighting``, ...).
+        loss: ``MultiTaskLoss`` options (``weights``, ``scales``, ``scale_weights``,
+            ``task_options``).
+        weighting: how the weighted task losses become one update, ``{name: ..., <options>}``
+            (default ``fixed``, the paper's sum); see ``densemtl.weighting``.
         metrics: per-task metric options, e.g. ``{"depth": {"max_depth": 10}}``.
         optimizer: ``name`` (adam | adamw | sgd), ``lr`` (everything but the encoder),
             ``backbone_lr`` (the encoder; default ``lr``) and the optimiser's own options.
@@ -65,6 +70,7 @@ class MultiTaskModule(L.LightningModule):
         tasks: dict[str, dict[str, int] | None],
         network: dict[str, Any],
         loss: dict[str, Any] | None = None,
+        weighting: dict[str, Any] | str | None = None,
         metrics: dict[str, dict[str, Any]] | None = None,
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
@@ -79,7 +85,9 @@ class MultiTaskModule(L.LightningModule):
         self.save_hyperparameters()
         self.net: MultiTaskNet = build_model({"tasks": tasks, "network": network})
         self.task_names = list(self.net.tasks)
-        self.criterion = MultiTaskLoss(self.task_names, **(loss or {}))
+        loss, weighting = _legacy_weighting(loss, weighting)
+        self.criterion = MultiTaskLoss(self.task_names, **loss)
+        self.weighting: Weighting = build_weighting(weighting, self.task_names)
         self.metric_options = dict(metrics or {})
         self.val_metrics = MultiTaskMetrics(self.net.tasks, self.metric_options, stage="val")
         self.test_metrics = MultiTaskMetrics(self.net.tasks, self.metric_options, stage="test")
@@ -91,7 +99,8 @@ class MultiTaskModule(L.LightningModule):
         self.constant_fit_batches = constant_fit_batches
         self.results: dict[str, dict[str, float]] = {}
         self.checkpoint_step: int | None = None
-        self._epoch_losses: dict[str, list[Tensor]] = {}
+        self._pending: tuple[Tensor, SharedFeatures] | None = None  # for a gradient method
+        self._weights: Tensor | None = None  # effective task weights of the last step
         self._run_dir = Path(".")
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -115,6 +124,8 @@ class MultiTaskModule(L.LightningModule):
         self.scorer.choose()  # once per run; a resumed fit restores its original choice
 
     def on_fit_start(self) -> None:
+        if self.weighting.uses_gradients:
+            self._prepare_gradient_weighting()
         line = self.scorer.describe()
         if self.trainer.is_global_zero:
             self.print(f"monitored val/score: {line}")
@@ -138,52 +149,138 @@ class MultiTaskModule(L.LightningModule):
         return self.checkpoint_step
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _rename_legacy_state(checkpoint.get("state_dict", {}), self.criterion.weights,
+                             self.task_names)
         self.checkpoint_step = int(checkpoint.get("global_step", 0))
         resuming = self._trainer is not None and self.trainer.state.fn == "fit"
         if resuming and "densemtl_score" in checkpoint:  # the kind chosen when the run began
             self.scorer.restore(checkpoint["densemtl_score"])
 
     def forward(self, image: Tensor) -> dict[str, dict[int, Tensor]]:
+        return self.net(self._layout(image))
+
+    def _layout(self, image: Tensor) -> Tensor:
         if self.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
-        return self.net(image)
+            return image.contiguous(memory_format=torch.channels_last)
+        return image
 
     # --- training -----------------------------------------------------------------------------
 
     def supervised_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Forward and the multi-task loss of one labelled batch (logs nothing)."""
-        return self.criterion(self(batch["image"]), batch)
+        return self.supervised_losses(self(batch["image"]), batch)
+
+    def supervised_losses(self, outputs: dict[str, dict[int, Tensor]],
+                          batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The task losses of ``outputs`` and their ``total`` under the chosen weighting.
+
+        For a gradient-aggregating weighting the ``total`` is the fixed-weight sum (what is
+        logged); the update itself is made in :meth:`backward`.
+        """
+        terms = self.criterion(outputs, batch)
+        if self.weighting.linear or self.weighting.uses_gradients:
+            return terms  # fixed weights: the criterion's total, exactly the paper's objective
+        values = self._shared_values(self.criterion.weighted(terms))
+        total = self.weighting.combine(values)
+        if values.requires_grad and torch.is_grad_enabled():
+            (grad,) = torch.autograd.grad(total, values, retain_graph=True)
+            self._weights = grad.detach() * self.criterion.fixed_weights
+        terms["total"] = total
+        return terms
+
+    def _shared_values(self, values: Tensor) -> Tensor:
+        """Under DDP, the weighted task losses with the values averaged over processes and the
+        gradients of this process: a non-linear weighting then gives every process the same
+        weights, and the averaged gradient equals one process's on the whole batch."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return values
+        mean = values.detach().clone()
+        torch.distributed.all_reduce(mean)
+        mean /= self.trainer.world_size
+        return values + (mean - values.detach())
 
     def log_training(self, losses: dict[str, Tensor], batch_size: int,
                      extra: dict[str, Tensor] | None = None) -> None:
-        """Log the step's losses and keep the task losses for the epoch's DWA update."""
+        """Log the step's losses (and anything in ``extra``)."""
         logs = {f"train/{k}": v.detach() for k, v in losses.items()}
         logs.update(extra or {})
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
-        for t in self.task_names:
-            self._epoch_losses.setdefault(t, []).append(losses[t].detach())
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        losses = self.supervised_step(batch)
+        if self.weighting.uses_gradients:
+            outputs, features = self.net.forward_with_features(self._layout(batch["image"]))
+            losses = self.criterion(outputs, batch)
+            self._pending = (self.criterion.weighted(losses), features)
+        else:
+            losses = self.supervised_step(batch)
         self.log_training(losses, batch["image"].shape[0])
         return losses["total"]
 
-    def on_train_epoch_end(self) -> None:
-        """Epoch-mean task losses, averaged over processes, feed DWA (a no-op otherwise)."""
-        if not self._epoch_losses:
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Plain back-propagation, or the gradient aggregation of the chosen weighting."""
+        if self._pending is None:
+            super().backward(loss, *args, **kwargs)
             return
-        means = {t: torch.stack(v).mean() for t, v in self._epoch_losses.items()}
-        means = {t: self.trainer.strategy.reduce(v, reduce_op="mean") for t, v in means.items()}
-        self.criterion.epoch_end(means)
-        self._epoch_losses = {}
+        values, features = self._pending
+        self._pending = None
+        accumulate = self.trainer.accumulate_grad_batches
+        if accumulate > 1:  # what Lightning does to the returned loss
+            values = values / accumulate
+        reduce = _all_reduce_mean if self.trainer.world_size > 1 else None
+        weights = self.weighting.backward(values, features, self.net.shared_parameters(),
+                                          self.net.task_parameters(), reduce)
+        if weights is not None:
+            self._weights = weights * self.criterion.fixed_weights
+
+    def _prepare_gradient_weighting(self) -> None:
+        """Checks and DDP set-up for a gradient-aggregating weighting."""
+        name = self.weighting.name
+        if "16" in str(self.trainer.precision) and "bf16" not in str(self.trainer.precision):
+            raise ValueError(f"weighting '{name}' aggregates task gradients, which does not mix "
+                             "with fp16 loss scaling: use trainer.precision bf16-mixed or 32")
+        if not self.net.shared_parameters():
+            raise ValueError(f"weighting '{name}': the model has no trained shared parameters "
+                             "(is the encoder frozen?)")
+        ddp = self.trainer.strategy.model
+        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            # The aggregation all-reduces the per-task gradients itself (see backward).
+            ddp.require_backward_grad_sync = False
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.weighting.needs_values_after_step:
+            self.weighting.after_step(self._values_after_step(batch))
+        if self._weights is not None:
+            self.log_dict({f"train/{t}/weight": self._weights[i]
+                           for i, t in enumerate(self.task_names)},
+                          on_step=True, on_epoch=False, batch_size=1)
+            self._weights = None
+
+    @torch.no_grad()
+    def _values_after_step(self, batch: dict[str, Any]) -> Tensor:
+        """The batch's weighted task losses under the updated weights (running statistics of
+        normalisation layers are left as the training step left them)."""
+        buffers = [(b, b.clone()) for b in self.net.buffers()]
+        try:
+            values = self.criterion.weighted(self.criterion(self(batch["image"]), batch))
+        finally:
+            for b, saved in buffers:
+                b.copy_(saved)
+        return self._shared_values(values)
+
+    def on_train_epoch_start(self) -> None:
+        self.weighting.new_epoch()
 
     def extra_param_groups(self) -> list[dict[str, Any]]:
         """Optimiser groups of modules beside the network and the loss (a subclass's own
         networks), each with its ``lr``; they follow the same schedule."""
         return []
 
+    def loss_parameters(self) -> list[torch.nn.Parameter]:
+        """Learned parameters of the loss and of the weighting (e.g. uncertainty weights)."""
+        return [*self.criterion.parameters(), *self.weighting.optimised_parameters()]
+
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(self.net, self.criterion, self.optimizer_cfg,
+        optimizer = build_optimizer(self.net, self.loss_parameters(), self.optimizer_cfg,
                                     self.extra_param_groups())
         scheduler = build_scheduler(optimizer, self.scheduler_cfg,
                                     total_steps=self.trainer.estimated_stepping_batches)
@@ -222,3 +319,61 @@ class MultiTaskModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._finish(self.test_metrics, "test")
+
+
+def _all_reduce_mean(tensors: list[Tensor]) -> None:
+    """Average ``tensors`` in place over the processes, in one collective."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _legacy_weighting(loss: dict[str, Any] | None, weighting: dict[str, Any] | str | None
+                      ) -> tuple[dict[str, Any], dict[str, Any] | str | None]:
+    """Runs made before weighting methods were plug-ins set ``loss.weighting`` (and
+    ``loss.dwa_temperature``): read them as ``weighting``."""
+    loss = dict(loss or {})
+    old, temperature = loss.pop("weighting", None), loss.pop("dwa_temperature", None)
+    if old is None:
+        if temperature is not None:
+            raise ValueError("loss.dwa_temperature: set weighting: {name: dwa, temperature: ...}")
+        return loss, weighting
+    if weighting is not None:
+        raise ValueError("loss.weighting and weighting are both set: keep only "
+                         f"weighting (e.g. weighting: {{name: {old}}})")
+    warnings.warn(f"loss.weighting is deprecated: use weighting: {{name: {old}}}", stacklevel=3)
+    spec: dict[str, Any] = {"name": old}
+    if old == "dwa" and temperature is not None:
+        spec["temperature"] = temperature
+    return loss, spec
+
+
+def _rename_legacy_state(state: dict[str, Any], weights: dict[str, float],
+                         tasks: list[str]) -> None:
+    """Checkpoints from before the weighting plug-ins kept uncertainty and DWA state in the loss."""
+    if "criterion.log_vars" in state:
+        state["weighting.uw.log_var"] = state.pop("criterion.log_vars")
+    if "criterion.dwa_history" in state:
+        history = state.pop("criterion.dwa_history").float()
+        epochs = int(state.pop("criterion.dwa_epochs"))
+        state.pop("criterion.dwa_weights", None)
+        fixed = torch.tensor([weights[t] for t in tasks])
+        averages = [history[i] * fixed for i in range(2)][2 - min(epochs, 2):]
+        state["weighting._extra_state"] = {"_loss_sum": None, "_n_batches": 0,
+                                           "_previous_averages": averages}
+
+
+def reject_gradient_weighting(module: MultiTaskModule, after_step: bool = False) -> None:
+    """For training modules whose update has more than the task losses: they take the loss
+    scalarisations only (and, with ``after_step``, none that re-evaluate the batch)."""
+    w = module.weighting
+    if w.uses_gradients or (after_step and w.needs_values_after_step):
+        raise ValueError(f"{type(module).__name__} does not support weighting '{w.name}'; use a "
+                         "loss weighting: fixed, uncertainty, dwa or geometric_mean"
+                         + ("" if after_step else " or famo"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +17,8 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
-def build_optimizer(net: nn.Module, extra: nn.Module | None, cfg: Mapping[str, Any],
+def build_optimizer(net: nn.Module, extra: nn.Module | Iterable[nn.Parameter] | None,
+                    cfg: Mapping[str, Any],
                     groups: Sequence[dict[str, Any]] = ()) -> torch.optim.Optimizer:
     """Two groups: ``encoder`` at ``backbone_lr`` and everything else (``extra`` too) at ``lr``,
     followed by ``groups`` (parameter groups with their own ``lr``, e.g. a pose network's).
@@ -37,7 +38,7 @@ def build_optimizer(net: nn.Module, extra: nn.Module | None, cfg: Mapping[str, A
     enc_ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
     rest = [p for p in net.parameters() if id(p) not in enc_ids]
     if extra is not None:
-        rest += list(extra.parameters())
+        rest += list(extra.parameters() if isinstance(extra, nn.Module) else extra)
     groups = [{"params": [p for p in net.parameters() if id(p) in enc_ids], "lr": backbone_lr,
                "name": "encoder"},
               {"params": rest, "lr": lr, "name": "rest"}, *groups]

@@ -34,7 +34,7 @@ from ..data.geometry import backproject
 from ..functional import fp32_context
 from ..models.posenet import PoseNet
 from ..tasks import get_task
-from .module import MultiTaskModule
+from .module import MultiTaskModule, reject_gradient_weighting
 
 # --- the photometric loss --------------------------------------------------------------------
 
@@ -187,6 +187,7 @@ class SelfSupervisedDepthModule(MultiTaskModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        reject_gradient_weighting(self)
         if depth_task not in self.task_names:
             raise ValueError(f"depth_task '{depth_task}' is not one of the model's tasks "
                              f"{self.task_names}")
@@ -227,7 +228,7 @@ class SelfSupervisedDepthModule(MultiTaskModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         outputs = self(batch["image"])
-        losses = self.criterion(outputs, batch)
+        losses = self.supervised_losses(outputs, batch)
         selfsup = self.self_supervised_loss(outputs, batch)
         losses["total"] = losses["total"] + self.photometric_weight * selfsup["total"]
         extra = {f"train/{k}": v.detach() for k, v in selfsup.items() if k != "total"}

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from ..functional import fp32_context, resize_to
 from ..models.discriminator import PatchDiscriminator
 from ..tasks import get_task
-from .module import MultiTaskModule
+from .module import MultiTaskModule, reject_gradient_weighting
 from .optim import OPTIMIZERS, build_optimizer, build_scheduler
 
 __all__ = ["SOURCE_LABEL", "TARGET_LABEL", "AdaptationModule", "domain_map"]
@@ -113,6 +113,7 @@ class AdaptationModule(MultiTaskModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        reject_gradient_weighting(self, after_step=True)
         self.automatic_optimization = False
         if lambda_adv < 0 or lambda_disc <= 0:
             raise ValueError(f"need lambda_adv >= 0 and lambda_disc > 0, got {lambda_adv}, "
@@ -159,7 +160,7 @@ class AdaptationModule(MultiTaskModule):
                 f"AdaptationModule trains on one device; this trainer has world_size "
                 f"{self.trainer.world_size} (set trainer.devices 1 / no DDP strategy)")
         total = self.trainer.estimated_stepping_batches
-        opt_g = build_optimizer(self.net, self.criterion, self.optimizer_cfg)
+        opt_g = build_optimizer(self.net, self.loss_parameters(), self.optimizer_cfg)
         opt_d = self._build_disc_optimizer()
         schedulers = [build_scheduler(opt_g, self.scheduler_cfg, total),
                       build_scheduler(opt_d, self.disc_scheduler_cfg, total)]
@@ -221,7 +222,7 @@ class AdaptationModule(MultiTaskModule):
         # (1) network: source supervision + fooling the (frozen) discriminators on target maps
         with self.toggled_optimizer(opt_g):
             src_out = self(src["image"])
-            losses = self.criterion(src_out, src)
+            losses = self.supervised_losses(src_out, src)
             g_loss = losses["total"]
             if adapting:
                 contexts = self.domain_contexts(src)
