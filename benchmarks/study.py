@@ -6,6 +6,14 @@ table (mean +- std over seeds), ``results.json`` and a delta_m bar chart are wri
 
     python benchmarks/study.py --quick               # smoke version (< 10 minutes on 2 cores)
     python benchmarks/study.py --out runs/study      # the full grid (see docs/results-synthetic.md)
+    python benchmarks/study.py --weightings          # weighting methods at 5x the budget, with
+                                                     # the gradient-conflict measurement
+
+``--weightings`` trains STL, MTL and DenseMTL (S, D, N, E) with several multi-task weighting
+methods (``--methods``) for ``--steps`` (default 1000 there), logging the cosine similarity of
+the task gradients on the shared encoder every 25 steps (``densemtl.training.GradientConflict``),
+and draws it (``conflict.png``). Runs go in ``--priority`` order, so a cut-short grid has
+finished the most informative runs first.
 """
 
 from __future__ import annotations
@@ -56,16 +64,37 @@ def grid(quick: bool) -> list[tuple[str, list[str]]]:
     return runs
 
 
-def run_name(method: str, tasks: list[str]) -> str:
+def run_name(method: str, tasks: list[str], weighting: str = "fixed") -> str:
     suffix = tasks[0] if method == "stl" else "".join(get_task(t).short for t in tasks).lower()
-    return f"{method}_{suffix}"
+    return f"{method}_{suffix}" + ("" if weighting == "fixed" else f"_{weighting}")
+
+
+def weighting_jobs(args: argparse.Namespace) -> list[tuple[str, list[str], int, str]]:
+    """(method, tasks, seed, weighting) of the weighting study, most informative first: the
+    MTL-vs-STL question with fixed weights and the first gradient method, seed by seed, then
+    DenseMTL, then the other methods."""
+    seeds = range(args.seeds)
+    first, others = args.methods[:2], args.methods[2:]
+    jobs: list[tuple[str, list[str], int, str]] = []
+    for seed in seeds:
+        jobs += [("stl", [t], seed, "fixed") for t in TASKS_ALL]
+        jobs += [("mtl", TASKS_ALL, seed, w) for w in first]
+        if seed == 0:
+            jobs += [("densemtl", TASKS_ALL, 0, w) for w in first]
+    for seed in seeds:
+        jobs += [("mtl", TASKS_ALL, seed, w) for w in others]
+        jobs += [("densemtl", TASKS_ALL, seed, w) for w in (first if seed else []) + others]
+    return jobs
 
 
 def make_config(args: argparse.Namespace, method: str, tasks: list[str], seed: int,
-                run_dir: Path) -> dict[str, Any]:
+                run_dir: Path, weighting: str = "fixed") -> dict[str, Any]:
     network = json.loads(json.dumps(METHODS[method][0]))
     network["encoder"] = {"name": args.backbone, "pretrained": False}
     network["decoder"] = {"num_ch_dec": args.decoder}
+    callbacks = [] if method == "stl" or not args.conflict_every else [
+        {"class_path": "densemtl.training.GradientConflict",
+         "init_args": {"every_n_steps": args.conflict_every}}]
     spec = {t: {"channels": 10} if t == "semseg" else ({"channels": 2} if t == "edges" else {})
             for t in tasks}
     return {
@@ -74,7 +103,8 @@ def make_config(args: argparse.Namespace, method: str, tasks: list[str], seed: i
                     "max_steps": args.steps, "val_check_interval": args.steps,
                     "check_val_every_n_epoch": None, "log_every_n_steps": 25,
                     "num_sanity_val_steps": 0, "gradient_clip_val": 10.0,
-                    "enable_progress_bar": False, "enable_model_summary": False},
+                    "enable_progress_bar": False, "enable_model_summary": False,
+                    **({"callbacks": callbacks} if callbacks else {})},
         "model": {"class_path": "densemtl.training.MultiTaskModule", "init_args": {
             "tasks": spec, "network": network,
             "loss": {"weights": {t: (1 if method == "stl" else WEIGHTS[t]) for t in tasks},
@@ -84,6 +114,7 @@ def make_config(args: argparse.Namespace, method: str, tasks: list[str], seed: i
                 "edges": {"tolerance": 1.0, "tolerance_unit": "pixels"}}.items() if k in tasks},
             "optimizer": {"name": "adam", "lr": args.lr, "backbone_lr": args.lr,
                           "betas": [0.9, 0.98]},
+            "weighting": {"name": weighting},
             "scheduler": {"name": "poly", "power": 0.9},
             "grid_samples": 0, "constant_fit_batches": 0}},
         "data": {"class_path": "densemtl.data.DenseDataModule", "init_args": {
@@ -102,8 +133,9 @@ def ensure_data(args: argparse.Namespace) -> None:
     subprocess.run(cmd, check=True)
 
 
-def run_one(args: argparse.Namespace, method: str, tasks: list[str], seed: int) -> Path:
-    run_dir = Path(args.out) / run_name(method, tasks) / f"seed{seed}"
+def run_one(args: argparse.Namespace, method: str, tasks: list[str], seed: int,
+            weighting: str = "fixed") -> Path:
+    run_dir = Path(args.out) / run_name(method, tasks, weighting) / f"seed{seed}"
     if (run_dir / "metrics.json").is_file() and (run_dir / "run_info.json").is_file():
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -113,8 +145,8 @@ def run_one(args: argparse.Namespace, method: str, tasks: list[str], seed: int) 
     if args.jobs > 1:  # parallel runs: split the cores between them
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
     if not (final.is_file() and json.loads(final.read_text())["step"] >= args.steps):
-        config.write_text(yaml.safe_dump(make_config(args, method, tasks, seed, run_dir),
-                                         sort_keys=False))
+        config.write_text(yaml.safe_dump(make_config(args, method, tasks, seed, run_dir,
+                                                     weighting), sort_keys=False))
         with (run_dir / "fit.log").open("w") as log:
             proc = subprocess.run([sys.executable, "-m", "densemtl", "fit", "--config",
                                    str(config)], stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -127,7 +159,8 @@ def run_one(args: argparse.Namespace, method: str, tasks: list[str], seed: int) 
         {"metrics": payload["metrics"], "step": payload["step"]}, indent=2))
     train_s = final.stat().st_mtime - config.stat().st_mtime  # config written -> last validation
     (run_dir / "run_info.json").write_text(json.dumps(
-        {"method": method, "tasks": tasks, "seed": seed, "train_seconds": train_s,
+        {"method": method, "tasks": tasks, "seed": seed, "weighting": weighting,
+         "train_seconds": train_s,
          "threads": env.get("OMP_NUM_THREADS", "default"), "jobs": args.jobs,
          "parameters": sum_parameters(config)}, indent=2))
     return run_dir
@@ -140,11 +173,13 @@ def sum_parameters(config: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def summarise(args: argparse.Namespace, runs: list[tuple[str, list[str]]]) -> dict[str, Any]:
+def summarise(args: argparse.Namespace,
+              runs: list[tuple[str, list[str]]] | list[tuple[str, list[str], str]]
+              ) -> dict[str, Any]:
     """Mean / std per method; delta_m of each seed against the mean STL results."""
     results: dict[str, Any] = {}
-    for method, tasks in runs:
-        name = run_name(method, tasks)
+    for method, tasks, *rest in runs:
+        name = run_name(method, tasks, *rest)
         seeds = []
         for seed in range(args.seeds):
             d = Path(args.out) / name / f"seed{seed}"
@@ -154,7 +189,9 @@ def summarise(args: argparse.Namespace, runs: list[tuple[str, list[str]]]) -> di
             info = json.loads((d / "run_info.json").read_text())
             seeds.append({"metrics": metrics, **info})
         if seeds:
-            results[name] = {"method": method, "tasks": tasks, "seeds": seeds}
+            results[name] = {"method": method, "tasks": tasks, "seeds": seeds,
+                             "weighting": rest[0] if rest else "fixed",
+                             "conflict": conflict_curve(Path(args.out) / name, args.seeds)}
     stl = {t: statistics.mean(s["metrics"][f"{t}/{MAIN[t][0]}"]
                               for s in results[f"stl_{t}"]["seeds"])
            for t in TASKS_ALL if f"stl_{t}" in results}
@@ -174,6 +211,55 @@ def summarise(args: argparse.Namespace, runs: list[tuple[str, list[str]]]) -> di
     return {"stl_reference": stl, "runs": results}
 
 
+def conflict_curve(run: Path, seeds: int) -> dict[str, list[float]]:
+    """Mean over the finished seeds of the logged gradient cosines, per step:
+    ``{"step": [...], "cos_mean": [...], "cos_min": [...]}`` (empty without measurements)."""
+    import csv
+
+    by_step: dict[int, list[tuple[float, float]]] = {}
+    for seed in range(seeds):
+        path = run / f"seed{seed}" / "metrics.csv"
+        if not (run / f"seed{seed}" / "metrics.json").is_file() or not path.is_file():
+            continue
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                if row.get("conflict/cos_mean"):
+                    by_step.setdefault(int(row["step"]), []).append(
+                        (float(row["conflict/cos_mean"]), float(row["conflict/cos_min"])))
+    steps = sorted(by_step)
+    return {"step": steps,
+            "cos_mean": [statistics.mean(v[0] for v in by_step[s]) for s in steps],
+            "cos_min": [statistics.mean(v[1] for v in by_step[s]) for s in steps]}
+
+
+def conflict_chart(summary: dict[str, Any], path: Path) -> bool:
+    """Mean and minimum pairwise cosine of the task gradients over training, per run."""
+    curves = {n: e["conflict"] for n, e in summary["runs"].items()
+              if e.get("conflict", {}).get("step")}
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
+    for name, c in curves.items():
+        seeds = len(summary["runs"][name]["seeds"])
+        for ax, key in zip(axes, ("cos_mean", "cos_min")):
+            ax.plot(c["step"], c[key], label=f"{name} ({seeds} seed{'s' * (seeds > 1)})")
+    for ax, title in zip(axes, ("mean over task pairs", "most conflicting pair")):
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("cosine of task gradients (encoder)")
+        ax.set_title(title)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -185,6 +271,9 @@ def mean_std(values: list[float]) -> str:
 def table(summary: dict[str, Any]) -> str:
     head = ["run", "seeds"] + [f"{t} {MAIN[t][0]}" for t in TASKS_ALL] + \
         ["delta_m (%)", "parameters", "train s"]
+    conflict = any(e.get("conflict", {}).get("step") for e in summary["runs"].values())
+    if conflict:
+        head += ["grad cos, mean (first / last tenth)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, entry in summary["runs"].items():
         seeds = entry["seeds"]
@@ -196,6 +285,14 @@ def table(summary: dict[str, Any]) -> str:
         row.append(mean_std([s["delta_m"] for s in seeds]) if "delta_m" in seeds[0] else "0")
         row.append(f"{seeds[0]['parameters']:,}")
         row.append(f"{statistics.mean(s['train_seconds'] for s in seeds):.0f}")
+        if conflict:
+            c = entry.get("conflict", {})
+            if c.get("step"):
+                k = max(1, len(c["step"]) // 10)
+                row.append(f"{statistics.mean(c['cos_mean'][:k]):+.3f} / "
+                           f"{statistics.mean(c['cos_mean'][-k:]):+.3f}")
+            else:
+                row.append("")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -210,7 +307,7 @@ def chart(summary: dict[str, Any], path: Path) -> bool:
         return False
     names, means, stds = [], [], []
     for name, entry in summary["runs"].items():
-        if entry["method"] == "stl":
+        if entry["method"] == "stl" or not all("delta_m" in s for s in entry["seeds"]):
             continue
         values = [s["delta_m"] for s in entry["seeds"]]
         names.append(name)
@@ -244,25 +341,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--decoder", type=int, nargs=5, default=[16, 32, 32, 64, 64])
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weightings", action="store_true",
+                   help="the weighting study (STL / MTL / DenseMTL x --methods, 1000 steps)")
+    p.add_argument("--methods", default="fixed,upgrad,uncertainty,mgda",
+                   help="weighting methods of --weightings, most important first (default "
+                        "fixed,upgrad,uncertainty,mgda)")
+    p.add_argument("--conflict-every", type=int, default=25,
+                   help="measure the task-gradient cosines every N steps (0: never)")
     p.add_argument("--jobs", type=int, default=2,
                    help="runs at a time (each gets cores/jobs threads); the results do not "
                         "depend on it, the train-time column does")
     args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.weightings and args.steps == 200:
+        args.steps = 1000
     if args.quick:
         args.seeds, args.steps, args.train, args.val = 1, 15, 64, 16
         args.height, args.width = 48, 64
-    args.out = args.out or ("runs/study_quick" if args.quick else "runs/study")
+    args.out = args.out or ("runs/study_quick" if args.quick else
+                            "runs/study_weighting" if args.weightings else "runs/study")
     args.data = args.data or f"data/study_{args.height}x{args.width}_{args.train}"
     ensure_data(args)
-    runs = grid(args.quick)
+    runs: list[Any] = grid(args.quick)
     start = time.time()
 
-    def one(job: tuple[str, list[str], int]) -> None:
+    def one(job: tuple[Any, ...]) -> None:
         t0 = time.time()
         run_dir = run_one(args, *job)
         print(f"[{time.time() - start:7.0f}s] {run_dir} ({time.time() - t0:.0f}s)", flush=True)
 
-    jobs = [(method, tasks, seed) for seed in range(args.seeds) for method, tasks in runs]
+    jobs: list[Any] = [(method, tasks, seed) for seed in range(args.seeds)
+                       for method, tasks in runs]
+    if args.weightings:
+        jobs = weighting_jobs(args)
+        runs = list(dict.fromkeys((m, tuple(t), w) for m, t, _, w in jobs))
+        runs = [(m, list(t), w) for m, t, w in runs]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         list(pool.map(one, jobs))
     summary = summarise(args, runs)
@@ -271,9 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     text = table(summary)
     (out / "results.md").write_text(text + "\n")
     drawn = chart(summary, out / "delta_m.png")
+    drawn_conflict = conflict_chart(summary, out / "conflict.png")
     print(text)
     print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}"
-          + (f", {out / 'delta_m.png'}" if drawn else ""))
+          + (f", {out / 'delta_m.png'}" if drawn else "")
+          + (f", {out / 'conflict.png'}" if drawn_conflict else ""))
     return 0
 
 

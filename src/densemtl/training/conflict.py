@@ -1,6 +1,8 @@
 """``GradientConflict``: how much the tasks pull the shared encoder in different directions.
 
-Every ``every_n_steps`` training steps, before the step, the callback takes each task's gradient
+Every ``every_n_steps`` training steps (at steps n-1, 2n-1, ...: the steps Lightning writes logs
+at when ``every_n_steps`` is a multiple of ``trainer.log_every_n_steps``, which is checked),
+before the step, the callback takes each task's gradient
 of its weighted loss ``w_t L_t`` with respect to the shared parameters
 (``MultiTaskNet.shared_parameters``) on the step's batch, and logs
 
@@ -38,9 +40,16 @@ class GradientConflict(Callback):
         self.every_n_steps = int(every_n_steps)
         self._measured: dict[str, float] | None = None
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.every_n_steps % trainer.log_every_n_steps:
+            raise ValueError(
+                f"GradientConflict every_n_steps {self.every_n_steps} must be a multiple of "
+                f"trainer.log_every_n_steps {trainer.log_every_n_steps} (other steps are not "
+                "written to the logs)")
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if trainer.global_step % self.every_n_steps == 0:  # measured before the step ...
+        if (trainer.global_step + 1) % self.every_n_steps == 0:  # measured before the step ...
             self._measured = conflict_metrics(task_gramian(pl_module, batch),
                                               list(pl_module.task_names))
 
