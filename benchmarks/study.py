@@ -217,6 +217,7 @@ def conflict_curve(run: Path, seeds: int) -> dict[str, list[float]]:
     import csv
 
     by_step: dict[int, list[tuple[float, float]]] = {}
+    pairs: dict[str, list[float]] = {}
     for seed in range(seeds):
         path = run / f"seed{seed}" / "metrics.csv"
         if not (run / f"seed{seed}" / "metrics.json").is_file() or not path.is_file():
@@ -226,10 +227,41 @@ def conflict_curve(run: Path, seeds: int) -> dict[str, list[float]]:
                 if row.get("conflict/cos_mean"):
                     by_step.setdefault(int(row["step"]), []).append(
                         (float(row["conflict/cos_mean"]), float(row["conflict/cos_min"])))
+                    for key, value in row.items():
+                        if key.startswith("conflict/cos/") and value:
+                            pairs.setdefault(key[len("conflict/cos/"):], []).append(float(value))
     steps = sorted(by_step)
     return {"step": steps,
             "cos_mean": [statistics.mean(v[0] for v in by_step[s]) for s in steps],
-            "cos_min": [statistics.mean(v[1] for v in by_step[s]) for s in steps]}
+            "cos_min": [statistics.mean(v[1] for v in by_step[s]) for s in steps],
+            "pairs": {k: statistics.mean(v) for k, v in sorted(pairs.items())}}
+
+
+def conflict_table(summary: dict[str, Any]) -> str:
+    """Per run: the task-gradient cosines averaged over training, and how often the most
+    conflicting pair was negative (measurements averaged over seeds first)."""
+    lines = ["| run | seeds | measurements | mean cos (all pairs) | mean cos (worst pair) "
+             "| worst pair < 0 |", "|---|---|---|---|---|---|"]
+    for name, e in summary["runs"].items():
+        c = e.get("conflict", {})
+        if not c.get("step"):
+            continue
+        negative = sum(v < 0 for v in c["cos_min"]) / len(c["cos_min"])
+        lines.append(f"| {name} | {len(e['seeds'])} | {len(c['step'])} | "
+                     f"{statistics.mean(c['cos_mean']):+.3f} | "
+                     f"{statistics.mean(c['cos_min']):+.3f} | {100 * negative:.0f} % |")
+    if len(lines) == 2:
+        return ""
+    names = sorted({p for e in summary["runs"].values()
+                    for p in e.get("conflict", {}).get("pairs", {})})
+    lines += ["", "Mean cosine per task pair over training:", "",
+              "| run | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for name, e in summary["runs"].items():
+        p = e.get("conflict", {}).get("pairs")
+        if p:
+            lines.append(f"| {name} | " + " | ".join(f"{p[k]:+.2f}" if k in p else ""
+                                                     for k in names) + " |")
+    return "\n".join(lines)
 
 
 def conflict_chart(summary: dict[str, Any], path: Path) -> bool:
@@ -243,16 +275,20 @@ def conflict_chart(summary: dict[str, Any], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def rolling(values: list[float], k: int = 5) -> list[float]:
+        return [statistics.mean(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
     for name, c in curves.items():
         seeds = len(summary["runs"][name]["seeds"])
         for ax, key in zip(axes, ("cos_mean", "cos_min")):
-            ax.plot(c["step"], c[key], label=f"{name} ({seeds} seed{'s' * (seeds > 1)})")
+            ax.plot(c["step"], rolling(c[key]),
+                    label=f"{name} ({seeds} seed{'s' * (seeds > 1)})")
     for ax, title in zip(axes, ("mean over task pairs", "most conflicting pair")):
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xlabel("training step")
         ax.set_ylabel("cosine of task gradients (encoder)")
-        ax.set_title(title)
+        ax.set_title(f"{title}, rolling mean of 5 measurements", fontsize=9)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -348,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                         "fixed,upgrad,uncertainty,mgda)")
     p.add_argument("--conflict-every", type=int, default=25,
                    help="measure the task-gradient cosines every N steps (0: never)")
+    p.add_argument("--report", action="store_true",
+                   help="only summarise the runs that finished (train nothing)")
     p.add_argument("--jobs", type=int, default=2,
                    help="runs at a time (each gets cores/jobs threads); the results do not "
                         "depend on it, the train-time column does")
@@ -376,12 +414,17 @@ def main(argv: list[str] | None = None) -> int:
         jobs = weighting_jobs(args)
         runs = list(dict.fromkeys((m, tuple(t), w) for m, t, _, w in jobs))
         runs = [(m, list(t), w) for m, t, w in runs]
-    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        list(pool.map(one, jobs))
+    if not args.report:
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            list(pool.map(one, jobs))
     summary = summarise(args, runs)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     text = table(summary)
+    conflicts = conflict_table(summary)
+    if conflicts:
+        text += "\n\nTask-gradient cosines on the shared encoder:\n\n" + conflicts
     (out / "results.md").write_text(text + "\n")
     drawn = chart(summary, out / "delta_m.png")
     drawn_conflict = conflict_chart(summary, out / "conflict.png")

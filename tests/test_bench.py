@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from densemtl.cli import main as cli
 
 
@@ -29,3 +31,24 @@ def test_bench_reference_paths(capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["attention"] == "explicit"
     assert result["fused_upsample"] is False and result["batched_pairs"] is False
+
+
+def test_bench_compares_weighting_methods_each_in_its_own_process(capsys):
+    common = ["--tasks", "semseg,depth", "--backbone", "resnet18", "--decoder", "slim",
+              "--height", "32", "--width", "32", "--batch", "2", "--device", "cpu",
+              "--warmup", "0", "--iters", "1", "--threads", "1"]
+    assert cli(["bench", *common, "--weighting", "upgrad,famo", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    results = json.loads(out[-1])
+    assert [r["weighting"] for r in results] == ["fixed", "upgrad", "famo"]  # fixed added
+    assert [r["weighting_kind"] for r in results] == ["loss", "gradient", "loss"]
+    table = "\n".join(out[:-1])
+    assert "| upgrad | gradient |" in table and "| fixed | loss |" in table
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out[:-1] if "|" in line}
+    ratio = float(rows["upgrad"][4])
+    assert ratio == pytest.approx(results[1]["s_per_iter_median"]
+                                  / results[0]["s_per_iter_median"], abs=0.01)
+    with pytest.raises(SystemExit) as exc:
+        cli(["bench", *common, "--weighting", "upgard"])
+    assert exc.value.code == 2
+    assert "unknown method 'upgard'" in capsys.readouterr().err

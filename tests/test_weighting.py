@@ -159,7 +159,8 @@ def test_famo_moves_weight_to_the_task_that_improved_least_and_resumes():
 
 
 def test_options_and_names_are_checked():
-    with pytest.raises(ValueError, match="unknown weighting 'upgard'; choose one of fixed"):
+    with pytest.raises(ValueError, match="unknown weighting 'upgard' \\(did you mean 'upgrad'"
+                                         "\\?\\); choose one of fixed"):
         build_weighting("upgard", ["a"])
     with pytest.raises(ValueError, match=r"'mgda': unknown option\(s\) eps \(its options: "
                                          r"epsilon, max_iters\)"):
@@ -265,3 +266,54 @@ def test_training_modules_with_more_than_task_losses_refuse_gradient_methods():
         AdaptationModule(tasks=TASKS, network=NET, weighting={"name": "upgrad"})
     with pytest.raises(ValueError, match="weighting 'famo'"):
         AdaptationModule(tasks=TASKS, network=NET, weighting={"name": "famo"})
+
+
+# --- the gradient-conflict measurement -------------------------------------------------------
+
+def test_conflict_metrics_from_a_gramian():
+    from densemtl.training.conflict import conflict_metrics
+
+    gram = torch.stack([A, B, torch.tensor([0.0, 2.0])]) @ \
+        torch.stack([A, B, torch.tensor([0.0, 2.0])]).T
+    logs = conflict_metrics(gram.double(), ["s", "d", "n"])
+    assert logs["conflict/cos/s-d"] == pytest.approx(-6 / (3 * math.sqrt(5)))
+    assert logs["conflict/cos/s-n"] == pytest.approx(0.0)
+    assert logs["conflict/cos/d-n"] == pytest.approx(1 / math.sqrt(5))
+    assert logs["conflict/cos_min"] == logs["conflict/cos/s-d"]
+    assert logs["conflict/cos_mean"] == pytest.approx(
+        (-6 / (3 * math.sqrt(5)) + 1 / math.sqrt(5)) / 3)
+    assert logs["conflict/norm/d"] == pytest.approx(math.sqrt(5))
+
+
+def test_task_gramian_is_that_of_the_per_task_encoder_gradients():
+    from densemtl.training.conflict import task_gramian
+
+    torch.manual_seed(0)
+    module = MultiTaskModule(TASKS, NET, loss={"weights": {"semseg": 10.0, "depth": 1.0}})
+    batch = tiny_batch()
+    shared = module.net.shared_parameters()
+    torch.manual_seed(1)
+    values = module.criterion.weighted(module.criterion(module(batch["image"]), batch))
+    rows = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        v, shared, retain_graph=True)]) for v in values]).double()
+    buffers = [b.clone() for b in module.net.buffers()]
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    gram = task_gramian(module, batch)
+    torch.testing.assert_close(gram, rows @ rows.T, rtol=1e-4, atol=1e-9)
+    assert torch.equal(torch.get_rng_state(), state)  # training's random draws are untouched
+    for before, after in zip(buffers, module.net.buffers()):  # and so are the BN statistics
+        assert torch.equal(before, after)
+    assert all(p.grad is None for p in module.parameters())
+
+
+def test_a_missing_solver_is_named_with_the_install_line(monkeypatch):
+    import torchjd._mixins
+
+    real = torchjd._mixins.find_spec
+    monkeypatch.setattr(torchjd._mixins, "find_spec",
+                        lambda name: None if name == "cvxpy" else real(name))
+    with pytest.raises(ValueError, match=r"^weighting 'cagrad' needs an optional solver \(cvxpy\)"
+                                         r": pip install 'densemtl\[mtl-solvers\]'$"):
+        build_weighting("cagrad", ["a", "b"])
+    build_weighting("upgrad", ["a", "b"])  # quadprog is a dependency of densemtl itself

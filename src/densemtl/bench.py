@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     batch = random_batch(tasks, args.batch, args.height, args.width, device)
     batch["image"] = batch["image"].contiguous(memory_format=fmt)
     criterion = MultiTaskLoss(list(tasks), weights=paper_weights(tasks), scales=(0, 1)).to(device)
-    enc = {id(p) for p in model.encoder.parameters()}
+    enc = {id(p) for p in model.shared_module().parameters()}
     optimizer = torch.optim.Adam(
         [{"params": [p for p in model.parameters() if id(p) in enc], "lr": 2e-4},
          {"params": [p for p in model.parameters() if id(p) not in enc], "lr": 3e-4}],

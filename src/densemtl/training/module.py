@@ -374,6 +374,7 @@ def reject_gradient_weighting(module: MultiTaskModule, after_step: bool = False)
     scalarisations only (and, with ``after_step``, none that re-evaluate the batch)."""
     w = module.weighting
     if w.uses_gradients or (after_step and w.needs_values_after_step):
+        allowed = ["fixed", "uncertainty", "dwa", "geometric_mean"] + ([] if after_step
+                                                                         else ["famo"])
         raise ValueError(f"{type(module).__name__} does not support weighting '{w.name}'; use a "
-                         "loss weighting: fixed, uncertainty, dwa or geometric_mean"
-                         + ("" if after_step else " or famo"))
+                         f"loss weighting: {', '.join(allowed[:-1])} or {allowed[-1]}")

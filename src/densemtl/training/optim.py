@@ -20,7 +20,8 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 def build_optimizer(net: nn.Module, extra: nn.Module | Iterable[nn.Parameter] | None,
                     cfg: Mapping[str, Any],
                     groups: Sequence[dict[str, Any]] = ()) -> torch.optim.Optimizer:
-    """Two groups: ``encoder`` at ``backbone_lr`` and everything else (``extra`` too) at ``lr``,
+    """Two groups: ``encoder`` (the network's shared trunk, ``MultiTaskNet.shared_module``) at
+    ``backbone_lr`` and everything else (``extra`` too) at ``lr``,
     followed by ``groups`` (parameter groups with their own ``lr``, e.g. a pose network's).
 
     ``cfg``: ``name``, ``lr``, optional ``backbone_lr`` and the optimiser's keyword options
@@ -34,7 +35,8 @@ def build_optimizer(net: nn.Module, extra: nn.Module | Iterable[nn.Parameter] | 
         raise ValueError("optimizer config needs 'lr'")
     lr = float(cfg.pop("lr"))
     backbone_lr = float(cfg.pop("backbone_lr", lr))
-    encoder = getattr(net, "encoder", None)
+    shared = getattr(net, "shared_module", None)
+    encoder = shared() if callable(shared) else getattr(net, "encoder", None)
     enc_ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
     rest = [p for p in net.parameters() if id(p) not in enc_ids]
     if extra is not None:

@@ -13,6 +13,7 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..errors import UsageError, did_you_mean
 from .aligned_mtl import AlignedMTL
 from .base import GradientAggregation, LossScalarisation, Weighting
 from .cagrad import CAGrad
@@ -49,8 +50,9 @@ def weighting_class(name: str) -> type[Weighting]:
         if not (isinstance(cls, type) and issubclass(cls, Weighting)):
             raise ValueError(f"weighting '{name}' is not a densemtl.weighting.Weighting subclass")
         return cls
-    raise ValueError(f"unknown weighting '{name}'; choose one of {', '.join(WEIGHTINGS)} "
-                     "or give the dotted path of a Weighting subclass")
+    raise ValueError(f"unknown weighting '{name}'{did_you_mean(name, WEIGHTINGS)}; choose one "
+                     f"of {', '.join(WEIGHTINGS)} or give the dotted path of a Weighting "
+                     "subclass")
 
 
 def build_weighting(spec: Mapping[str, Any] | str | None, tasks: Sequence[str]) -> Weighting:
@@ -70,5 +72,7 @@ def build_weighting(spec: Mapping[str, Any] | str | None, tasks: Sequence[str]) 
                          f"(its options: {allowed})")
     try:
         return cls(list(tasks), **options)
+    except UsageError:
+        raise
     except (TypeError, ValueError) as exc:
         raise ValueError(f"weighting '{name}': {exc}") from None

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..errors import UsageError
+
 if TYPE_CHECKING:
     from ..models.densemtl import SharedFeatures
 
@@ -163,18 +165,18 @@ def torchjd_class(module: str, name: str, method: str) -> Any:
     try:
         return getattr(importlib.import_module(f"torchjd.{module}"), name)
     except ImportError as exc:
-        raise ImportError(f"weighting '{method}' needs TorchJD: pip install 'torchjd[full]>=0.18'"
-                          f" ({exc})") from None
+        raise UsageError(f"weighting '{method}' needs TorchJD: pip install "
+                         f"'torchjd[full]>=0.18,<0.19' ({exc})") from None
 
 
 def make_aggregator(method: str, factory: Callable[[], Any], extra: str = "") -> Any:
     """Build a TorchJD object, turning a missing optional solver into a one-line message."""
     try:
         return factory()
-    except ImportError as exc:
+    except ImportError:
         hint = f" ({extra})" if extra else ""
-        raise ImportError(f"weighting '{method}' needs an optional solver{hint}: "
-                          f"pip install 'densemtl[mtl-solvers]'; {exc}") from None
+        raise UsageError(f"weighting '{method}' needs an optional solver{hint}: "
+                         "pip install 'densemtl[mtl-solvers]'") from None
 
 
 def as_vector(values: Tensor) -> Tensor:
