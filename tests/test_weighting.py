@@ -317,3 +317,14 @@ def test_a_missing_solver_is_named_with_the_install_line(monkeypatch):
                                          r": pip install 'densemtl\[mtl-solvers\]'$"):
         build_weighting("cagrad", ["a", "b"])
     build_weighting("upgrad", ["a", "b"])  # quadprog is a dependency of densemtl itself
+
+
+def test_legacy_uncertainty_checkpoint_keeps_its_log_variances():
+    module = MultiTaskModule(TASKS, NET, weighting={"name": "uncertainty"})
+    state = dict(module.state_dict())
+    state["criterion.log_vars"] = torch.tensor([0.3, -0.2])
+    del state["weighting.uw.log_var"]
+    checkpoint = {"state_dict": state}
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
+    torch.testing.assert_close(module.weighting.uw.log_var.detach(), torch.tensor([0.3, -0.2]))
