@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,3 +59,13 @@ def same_outputs(fast: nn.Module, ref: nn.Module, x: torch.Tensor, atol: float =
         for s in out_ref[t]:
             assert torch.allclose(out_fast[t][s], out_ref[t][s], atol=atol, rtol=rtol), (t, s)
     return out_fast, out_ref
+
+
+def synth_tree(root: Path, train: int, val: int, seed: int) -> Path:
+    """A built-in benchmark tree of 48x64 scenes in ``root`` (via ``densemtl synth``)."""
+    from densemtl.cli import main as cli
+
+    assert cli(["synth", "--out", str(root), "--train", str(train), "--val", str(val),
+                "--height", "48", "--width", "64", "--seed", str(seed), "--quiet",
+                "--workers", "1"]) == 0
+    return root

@@ -17,6 +17,8 @@ from densemtl import load_model
 from densemtl.cli import main as cli
 from densemtl.training.module import MultiTaskModule
 
+from model_utils import synth_tree
+
 pytestmark = pytest.mark.xdist_group("training")
 
 TASKS = {"semseg": {"channels": 10}, "depth": {}, "normals": {}, "edges": {"channels": 2}}
@@ -24,10 +26,7 @@ TASKS = {"semseg": {"channels": 10}, "depth": {}, "normals": {}, "edges": {"chan
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    assert cli(["synth", "--out", str(root), "--train", "16", "--val", "6", "--height", "48",
-                "--width", "64", "--seed", "3", "--quiet", "--workers", "1"]) == 0
-    return root
+    return synth_tree(tmp_path_factory.mktemp("synthetic"), 16, 6, seed=3)
 
 
 def write_config(path: Path, data_root: Path, run: Path, **trainer) -> Path:

@@ -233,8 +233,6 @@ def test_module_backward_aggregates_the_encoder_jacobian_and_sums_the_rest(monke
     for p, e in zip(specific, expected_rest):
         if isinstance(e, torch.Tensor):
             torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-7)
-    cos = torch.nn.functional.cosine_similarity(jac[0], jac[1], dim=0)
-    assert -1 <= float(cos) <= 1  # (a real network: the two task gradients differ)
     assert not torch.allclose(got, jac.sum(0), rtol=1e-2)
     assert module._weights is not None and module._weights.shape == (2,)
 

@@ -3,7 +3,6 @@ stateful methods, bf16, and two DDP processes against one."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -17,6 +16,8 @@ from lightning.pytorch import Callback
 
 from densemtl.cli import main as cli
 from densemtl.weighting import WEIGHTINGS, build_weighting
+
+from model_utils import synth_tree
 
 pytestmark = pytest.mark.xdist_group("weighting")
 
@@ -34,10 +35,7 @@ class EvalModeNormalisation(Callback):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    assert cli(["synth", "--out", str(root), "--train", "4", "--val", "2", "--height", "48",
-                "--width", "64", "--seed", "5", "--quiet", "--workers", "1"]) == 0
-    return root
+    return synth_tree(tmp_path_factory.mktemp("synthetic"), 4, 2, seed=5)
 
 
 def write_config(path: Path, data_root: Path, run: Path, weighting: dict, steps: int = 2,
@@ -183,10 +181,9 @@ def test_two_ddp_processes_make_the_one_process_update(name, data_root, tmp_path
     for key, delta in moved[1].items():
         torch.testing.assert_close(moved[2][key], delta, rtol=2e-3, atol=1e-6,
                                    msg=lambda m, k=key: f"{k}: {m}")
-    weights = json.dumps(logged(tmp_path / "p1", "train/semseg/weight"))
-    assert weights == json.dumps(logged(tmp_path / "p2", "train/semseg/weight")) or \
-        logged(tmp_path / "p2", "train/semseg/weight")[0] == pytest.approx(
-            logged(tmp_path / "p1", "train/semseg/weight")[0], rel=1e-3)
+    # the same effective task weights on the one step
+    assert logged(tmp_path / "p2", "train/semseg/weight") == pytest.approx(
+        logged(tmp_path / "p1", "train/semseg/weight"), rel=1e-3)
 
 
 def test_measuring_gradient_conflict_leaves_training_unchanged(data_root, tmp_path):
